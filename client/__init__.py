@@ -1,0 +1,1 @@
+"""The hospital side: the site trainer and its Flower ClientApp."""

@@ -1,0 +1,113 @@
+"""The Flower ClientApp: a thin adapter between messages and the site trainer.
+
+Each message carries the global weights and the round's instructions; the reply
+carries the updated shared weights and a few numbers. Images, labels, file paths
+and site-local state never enter a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from threading import Lock
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.trainer import SiteTrainer
+from shared import protocol as p
+from shared.config import ModelSpec, SiteConfig, TrainPlan
+from shared.weights import from_record, to_record
+
+log = logging.getLogger("fedseg.client")
+
+SiteResolver = Callable[[Context], SiteConfig]
+
+
+def site_from_node_config(context: Context) -> SiteConfig:
+    """Read the site's settings from the SuperNode's node config."""
+    return SiteConfig.from_node_config(context.node_config)
+
+
+class TrainerCache:
+    """Keep one trainer per (site, model) so data is read once per process."""
+
+    def __init__(self) -> None:
+        self._trainers: dict[tuple[SiteConfig, ModelSpec], SiteTrainer] = {}
+        self._lock = Lock()
+
+    def __getstate__(self) -> dict[str, object]:
+        # The simulation ships the ClientApp to worker processes; trainers and the
+        # lock stay behind and are rebuilt there.
+        return {}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def get(self, site: SiteConfig, spec: ModelSpec) -> SiteTrainer:
+        """Return the cached trainer for ``site`` and ``spec``, building it once."""
+        with self._lock:
+            key = (site, spec)
+            if key not in self._trainers:
+                self._trainers[key] = SiteTrainer(site, spec)
+            return self._trainers[key]
+
+
+def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
+    """Build the ClientApp.
+
+    Parameters
+    ----------
+    resolve_site : callable
+        Maps Flower's ``Context`` to the site's :class:`SiteConfig`. Deployments use
+        the node config; the simulation maps each virtual node to a site folder.
+
+    Returns
+    -------
+    flwr.clientapp.ClientApp
+        An app answering ``train`` and ``evaluate`` messages.
+    """
+    app = ClientApp()
+    cache = TrainerCache()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        site = resolve_site(context)
+        config = msg.content.config_records[p.CONFIG]
+        spec = ModelSpec.from_config(config)
+        plan = TrainPlan.from_config(config)
+        trainer = cache.get(site, spec)
+        result = trainer.train(from_record(msg.content.array_records[p.ARRAYS]), plan)
+        metrics = MetricRecord({
+            p.NUM_EXAMPLES: result.num_examples,
+            p.TRAIN_LOSS: result.train_loss,
+            p.TRAIN_STEPS: result.steps,
+        })
+        content = RecordDict({
+            p.ARRAYS: to_record(result.weights),
+            p.METRICS: metrics,
+            p.SITE: ConfigRecord({p.SITE_NAME: site.site_name}),
+        })
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        site = resolve_site(context)
+        config = msg.content.config_records[p.CONFIG]
+        spec = ModelSpec.from_config(config)
+        trainer = cache.get(site, spec)
+        result = trainer.evaluate(from_record(msg.content.array_records[p.ARRAYS]))
+        metrics = MetricRecord({
+            p.NUM_EXAMPLES: result.num_examples,
+            p.VAL_DICE: result.dice if result.num_examples else 0.0,
+        })
+        content = RecordDict({
+            p.METRICS: metrics,
+            p.SITE: ConfigRecord({p.SITE_NAME: site.site_name}),
+        })
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,262 @@
+"""The site trainer: local training, evaluation and prediction on plain weights.
+
+Nothing here knows about Flower. The ClientApp, the simulation, the command line
+and the tests all call :class:`SiteTrainer` with NumPy weight dictionaries, so the
+learning code is tested once and behaves the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from shared.config import ModelSpec, SiteConfig, TrainPlan
+from shared.data_contract import CaseRef, LoadedCase, discover_cases, load_case, split_cases
+from shared.errors import DataError
+from shared.inference import predict_classes
+from shared.metrics import case_dice
+from shared.networks import build_network
+from shared.proximal import proximal_term
+from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's cases, loaded once and split into training and validation."""
+
+    train: tuple[LoadedCase, ...]
+    val: tuple[LoadedCase, ...]
+
+    @classmethod
+    def load(cls, site: SiteConfig, spec: ModelSpec) -> SiteData:
+        """Read every case of ``site`` through the data contract and split it by patient."""
+        refs = discover_cases(site.data_path, site.patient_pattern)
+        train_refs, val_refs = split_cases(refs, site.val_fraction)
+        if not train_refs:
+            raise DataError(site.data_path, "no training cases left after the validation split",
+                            "lower val-fraction or add cases")
+
+        def load(refs: Sequence[CaseRef]) -> tuple[LoadedCase, ...]:
+            return tuple(
+                load_case(r, spec.in_channels, spec.num_classes, spec.spatial_dims) for r in refs
+            )
+
+        return cls(train=load(train_refs), val=load(val_refs))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training produced."""
+
+    weights: NDArrays
+    num_examples: int
+    train_loss: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Validation of one set of weights on the site's held-out cases."""
+
+    dice: float
+    per_case: dict[str, float]
+    num_examples: int
+
+
+class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """One random patch per case: the case, not the patch, is the sampling unit.
+
+    Half the patches are centred on a random foreground voxel so that small
+    structures (vessels, a left atrium) are seen often enough to learn.
+    """
+
+    def __init__(self, cases: Sequence[LoadedCase], patch_size: tuple[int, ...],
+                 rng: np.random.Generator, foreground_prob: float = 0.5,
+                 flip: bool = True) -> None:
+        self.cases = list(cases)
+        self.patch_size = patch_size
+        self.rng = rng
+        self.foreground_prob = foreground_prob
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        case = self.cases[index]
+        image, label = _pad_to(case.image, case.label, self.patch_size)
+        spatial = label.shape
+        starts = []
+        centre: np.ndarray | None = None
+        if self.rng.random() < self.foreground_prob:
+            fg = np.flatnonzero(label > 0)
+            if fg.size:
+                centre = np.array(np.unravel_index(int(self.rng.choice(fg)), spatial))
+        for axis, (size, patch) in enumerate(zip(spatial, self.patch_size, strict=True)):
+            high = size - patch
+            if centre is not None:
+                start = int(np.clip(centre[axis] - patch // 2, 0, high))
+            else:
+                start = int(self.rng.integers(0, high + 1))
+            starts.append(start)
+        window = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size, strict=True))
+        img = image[(slice(None), *window)]
+        lab = label[window]
+        if self.flip:
+            for axis in range(len(spatial)):
+                if self.rng.random() < 0.5:
+                    img = np.flip(img, axis=axis + 1)
+                    lab = np.flip(lab, axis=axis)
+        return (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
+                torch.from_numpy(np.ascontiguousarray(lab[None], dtype=np.int64)))
+
+
+def _pad_to(image: np.ndarray, label: np.ndarray,
+            patch: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    pads = [(0, max(0, p - s)) for s, p in zip(label.shape, patch, strict=True)]
+    if not any(after for _, after in pads):
+        return image, label
+    return np.pad(image, [(0, 0), *pads]), np.pad(label, pads)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn a site's ``device`` setting into a ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(
+            "node config", f"device '{name}' was requested but CUDA is not available here",
+            "set device to 'cpu' or 'auto', or install a CUDA build of torch",
+        )
+    return torch.device(name)
+
+
+class SiteTrainer:
+    """Train, evaluate and predict for one site, starting from given weights.
+
+    Parameters
+    ----------
+    site : SiteConfig
+        The site's own settings.
+    spec : ModelSpec
+        The shared architecture.
+    data : SiteData, optional
+        Pre-loaded cases; read from ``site.data_path`` when omitted.
+    """
+
+    def __init__(self, site: SiteConfig, spec: ModelSpec, data: SiteData | None = None) -> None:
+        self.site = site
+        self.spec = spec
+        self.device = resolve_device(site.device)
+        if site.num_threads:
+            torch.set_num_threads(site.num_threads)
+        self.data = data if data is not None else SiteData.load(site, spec)
+        self.net = build_network(spec).to(self.device)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    @property
+    def num_train_cases(self) -> int:
+        """Number of training cases (the weight of this site in FedAvg)."""
+        return len(self.data.train)
+
+    def load_weights(self, weights: NDArrays) -> None:
+        """Load named weights into the network, refusing a mismatched model."""
+        check_compatible(self.net.state_dict(), weights, "weights from the server")
+        self.net.load_state_dict(numpy_to_state(weights), strict=False)
+
+    def weights(self) -> NDArrays:
+        """Return the network's current floating-point weights."""
+        return state_to_numpy(self.net.state_dict())
+
+    def steps_for(self, plan: TrainPlan) -> int:
+        """Return the number of optimiser steps ``plan`` asks for at this site."""
+        if plan.local_steps:
+            return plan.local_steps
+        return plan.local_epochs * math.ceil(self.num_train_cases / plan.batch_size)
+
+    def train(self, global_weights: NDArrays, plan: TrainPlan) -> TrainResult:
+        """Run one round of local training from ``global_weights``.
+
+        Parameters
+        ----------
+        global_weights : dict of numpy.ndarray
+            Weights received from the server.
+        plan : TrainPlan
+            Epochs or steps, batch size, learning rate and FedProx ``mu``.
+
+        Returns
+        -------
+        TrainResult
+            Updated weights, the number of training cases, the mean loss and the
+            number of steps taken.
+        """
+        self.load_weights(global_weights)
+        seed = _mix_seed(plan.seed, self.site.seed, plan.server_round)
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        dataset = PatchDataset(self.data.train, self.spec.patch_size, rng)
+        loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        anchor = {n: p.detach().clone() for n, p in self.net.named_parameters()}
+        optimiser = torch.optim.Adam(self.net.parameters(), lr=plan.learning_rate)
+        use_amp = self.site.amp and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        self.net.train()
+        total_steps = self.steps_for(plan)
+        losses: list[float] = []
+        while len(losses) < total_steps:
+            for images, labels in loader:
+                if len(losses) >= total_steps:
+                    break
+                images = images.to(self.device)
+                labels = labels.to(self.device)
+                optimiser.zero_grad(set_to_none=True)
+                autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp
+                            else nullcontext())
+                with autocast:
+                    loss = self.loss_fn(self.net(images), labels)
+                if plan.proximal_mu > 0:
+                    loss = loss + plan.proximal_mu / 2 * proximal_term(
+                        self.net.named_parameters(), anchor)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"site {self.site.site_name}: training loss became {loss.item()} in "
+                        f"round {plan.server_round}; lower learning-rate in the run config"
+                    )
+                scaler.scale(loss).backward()
+                scaler.step(optimiser)
+                scaler.update()
+                losses.append(float(loss.detach()))
+        return TrainResult(
+            weights=self.weights(),
+            num_examples=self.num_train_cases,
+            train_loss=float(np.mean(losses)),
+            steps=len(losses),
+        )
+
+    def evaluate(self, weights: NDArrays) -> EvalResult:
+        """Return the Dice of ``weights`` on each held-out case, at full resolution."""
+        self.load_weights(weights)
+        per_case: dict[str, float] = {}
+        for case in self.data.val:
+            pred = predict_classes(self.net, case.image, self.spec.patch_size, self.device)
+            per_case[case.case_id] = case_dice(pred, case.label, self.spec.num_classes)
+        dice = float(np.mean(list(per_case.values()))) if per_case else float("nan")
+        return EvalResult(dice=dice, per_case=per_case, num_examples=len(per_case))
+
+    def predict(self, weights: NDArrays, image: np.ndarray) -> np.ndarray:
+        """Return the class map of one channel-first, normalised image."""
+        self.load_weights(weights)
+        return predict_classes(self.net, image, self.spec.patch_size, self.device)
+
+
+def _mix_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(p) for p in parts]).generate_state(1)[0])

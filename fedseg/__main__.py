@@ -1,0 +1,5 @@
+"""Allow ``python -m fedseg``."""
+
+from fedseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The Flower ServerApp: parse the run config once, then run the federation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common.logger import log as flwr_log
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import Reporter, RunFolder, run_federation
+from server.history import RoundRecord
+from server.report import format_round
+from shared.config import RunConfig
+from shared.networks import build_network, seed_everything
+from shared.weights import NDArrays, state_to_numpy
+
+INFO = 20
+
+
+class FlowerLogReporter:
+    """Report progress through Flower's logger, so ``flwr log`` shows it."""
+
+    def round_finished(self, record: RoundRecord, num_rounds: int) -> None:
+        """Log the round's per-site lines."""
+        for line in format_round(record, num_rounds):
+            flwr_log(INFO, "%s", line)
+
+
+def initial_weights(config: RunConfig) -> NDArrays:
+    """Return the seeded initial global weights for ``config``'s model."""
+    seed_everything(config.seed)
+    return state_to_numpy(build_network(config.model).state_dict())
+
+
+def make_server_app(config: RunConfig | None = None, run_dir: Path | None = None,
+                    reporter: Reporter | None = None) -> ServerApp:
+    """Build the ServerApp.
+
+    Parameters
+    ----------
+    config : RunConfig, optional
+        Settings to use; parsed from Flower's run config when omitted.
+    run_dir : Path, optional
+        Where to write the run; ``<output-dir>/run-<run id>`` when omitted.
+    reporter : Reporter, optional
+        Progress sink; Flower's log when omitted.
+
+    Returns
+    -------
+    flwr.serverapp.ServerApp
+        The app whose ``main`` runs all rounds.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config if config is not None else RunConfig.from_user_config(context.run_config)
+        folder = RunFolder(run_dir if run_dir is not None
+                           else cfg.output_dir / f"run-{context.run_id}")
+        run_federation(grid, cfg, initial_weights(cfg), folder, reporter or FlowerLogReporter())
+        flwr_log(INFO, "fedseg: final model written to %s", folder.final_model)
+
+    return app
+
+
+app = make_server_app()

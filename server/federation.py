@@ -1,0 +1,201 @@
+"""The coordinator's round loop: train, aggregate, checkpoint, evaluate, record.
+
+Flower's ``Strategy.start`` runs the same loop but keeps per-site results to
+itself; fedseg needs every site's numbers in the history and a checkpoint after
+every round, so the loop is written out here around the strategy's own
+``configure_*`` and ``aggregate_*`` methods. All run state lives in
+:class:`FederationState`; files are written only by :class:`RunFolder`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from shared import protocol as p
+from shared.checkpoint import Checkpoint
+from shared.config import RunConfig
+from shared.errors import FedsegError
+from shared.weights import NDArrays, from_record, to_record
+from server.history import MetricsHistory, RoundRecord
+from server.strategies import build_strategy
+
+log = logging.getLogger("fedseg.server")
+
+
+class NotEnoughSitesError(FedsegError):
+    """Too few sites connected, or replied, for the run to go on."""
+
+
+class Reporter(Protocol):
+    """Receives progress; the console and Flower's log are two implementations."""
+
+    def round_finished(self, record: RoundRecord, num_rounds: int) -> None:
+        """Report a completed round."""
+
+
+@dataclass
+class FederationState:
+    """Everything the coordinator needs to continue a run."""
+
+    server_round: int
+    weights: NDArrays
+    history: MetricsHistory
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a run's checkpoints, metrics and final model are written."""
+
+    path: Path
+
+    @property
+    def final_model(self) -> Path:
+        """Path of the final global model."""
+        return self.path / "final_model.pt"
+
+    def checkpoint(self, server_round: int) -> Path:
+        """Path of the checkpoint written after ``server_round``."""
+        return self.path / "checkpoints" / f"round-{server_round:03d}.pt"
+
+    def save_round(self, state: FederationState, config: RunConfig) -> None:
+        """Write the round's checkpoint and the metrics history so far."""
+        Checkpoint(config.model, state.weights, state.server_round).save(
+            self.checkpoint(state.server_round))
+        state.history.write(self.path)
+
+    def save_final(self, state: FederationState, config: RunConfig) -> None:
+        """Write the final model."""
+        Checkpoint(config.model, state.weights, state.server_round).save(self.final_model)
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float,
+                   clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep) -> list[int]:
+    """Wait until ``needed`` sites are connected; fail clearly after ``timeout`` seconds."""
+    deadline = clock() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= needed:
+            return nodes
+        if clock() >= deadline:
+            raise NotEnoughSitesError(
+                f"only {len(nodes)} of the {needed} required sites connected within "
+                f"{timeout:.0f} s; start the missing SuperNodes or lower min-available-nodes "
+                "in the run config"
+            )
+        sleep(1.0)
+
+
+def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[Message],
+                    phase: str) -> list[Message]:
+    """Store each site's reply in ``record``; return the replies without errors."""
+    ok: list[Message] = []
+    answered: set[int] = set()
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        answered.add(node)
+        if msg.has_error():
+            entry = record.site(node, "")
+            entry.error = f"{phase}: {msg.error.reason}"
+            log.warning("site node-%s failed in %s: %s", node, phase, msg.error.reason)
+            continue
+        name = str(msg.content.config_records.get(p.SITE, {}).get(p.SITE_NAME, ""))
+        entry = record.site(node, name)
+        metrics = msg.content.metric_records[p.METRICS]
+        if phase == "train":
+            entry.num_train_cases = int(metrics[p.NUM_EXAMPLES])  # type: ignore[arg-type]
+            entry.train_loss = float(metrics[p.TRAIN_LOSS])  # type: ignore[arg-type]
+            entry.train_steps = int(metrics[p.TRAIN_STEPS])  # type: ignore[arg-type]
+        else:
+            entry.num_val_cases = int(metrics[p.NUM_EXAMPLES])  # type: ignore[arg-type]
+            entry.val_dice = float(metrics[p.VAL_DICE]) if entry.num_val_cases else None  # type: ignore[arg-type]
+        ok.append(msg)
+    for msg in sent:
+        if msg.metadata.dst_node_id not in answered:
+            entry = record.site(msg.metadata.dst_node_id, "")
+            entry.error = f"{phase}: no reply within round-timeout"
+    return ok
+
+
+def run_round(grid: Grid, strategy: FedAvg, config: RunConfig, state: FederationState
+              ) -> FederationState:
+    """Run one round of training and evaluation and return the new state.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        Connection to the sites.
+    strategy : FedAvg
+        Flower strategy (FedAvg, FedProx or FedAdam) that selects sites and aggregates.
+    config : RunConfig
+        The run's settings.
+    state : FederationState
+        State after the previous round.
+
+    Returns
+    -------
+    FederationState
+        The new global weights and the history with this round appended. If fewer
+        than ``min-train-nodes`` sites return weights, the previous weights are kept.
+    """
+    rnd = state.server_round + 1
+    record = RoundRecord(round=rnd)
+    wait_for_nodes(grid, max(config.min_available_nodes, config.min_train_nodes),
+                   config.node_wait_timeout)
+
+    train_config = ConfigRecord({**config.model.to_config(), **config.plan(rnd).to_config()})
+    sent = list(strategy.configure_train(rnd, to_record(state.weights), train_config, grid))
+    replies = grid.send_and_receive(sent, timeout=config.round_timeout)
+    ok = _record_replies(record, sent, replies, "train")
+    weights = state.weights
+    if len(ok) >= config.min_train_nodes:
+        arrays, _ = strategy.aggregate_train(rnd, ok)
+        if arrays is not None:
+            weights = from_record(arrays)
+            record.aggregated = True
+    else:
+        log.warning("round %d: %d of the required %d sites returned weights; keeping the "
+                    "previous global model", rnd, len(ok), config.min_train_nodes)
+
+    eval_config = ConfigRecord({**config.model.to_config(), "server-round": rnd})
+    sent = list(strategy.configure_evaluate(rnd, to_record(weights), eval_config, grid))
+    replies = grid.send_and_receive(sent, timeout=config.round_timeout)
+    _record_replies(record, sent, replies, "evaluate")
+    record.finalise()
+    state.history.rounds.append(record)
+    return FederationState(server_round=rnd, weights=weights, history=state.history)
+
+
+def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
+                   folder: RunFolder, reporter: Reporter,
+                   strategy: FedAvg | None = None) -> FederationState:
+    """Run all rounds, writing a checkpoint and the history after each one.
+
+    Returns
+    -------
+    FederationState
+        The final state; the final model is at ``folder.final_model``.
+    """
+    strategy = strategy if strategy is not None else build_strategy(config)
+    state = FederationState(0, initial_weights, MetricsHistory(run_config=config.to_dict()))
+    for _ in range(config.num_server_rounds):
+        state = run_round(grid, strategy, config, state)
+        folder.save_round(state, config)
+        reporter.round_finished(state.history.rounds[-1], config.num_server_rounds)
+    if not any(r.aggregated for r in state.history.rounds):
+        raise NotEnoughSitesError(
+            f"no round of {config.num_server_rounds} received weights from min-train-nodes "
+            f"({config.min_train_nodes}) sites, so no model was written; the per-site errors "
+            f"are in {folder.path / 'metrics.json'}"
+        )
+    folder.save_final(state, config)
+    return state

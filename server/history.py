@@ -1,0 +1,121 @@
+"""The metrics history of a run: per round, per site; written as JSON and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.atomic import write_text_atomic
+from shared.metrics import weighted_mean
+
+
+@dataclass
+class SiteRound:
+    """What one site reported in one round (``None``: not reported)."""
+
+    site: str
+    node_id: int
+    num_train_cases: int | None = None
+    train_loss: float | None = None
+    train_steps: int | None = None
+    num_val_cases: int | None = None
+    val_dice: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class RoundRecord:
+    """One round: every site's report and the case-weighted means."""
+
+    round: int
+    sites: list[SiteRound] = field(default_factory=list)
+    mean_val_dice: float | None = None
+    mean_train_loss: float | None = None
+    aggregated: bool = False
+
+    def site(self, node_id: int, name: str) -> SiteRound:
+        """Return the entry of ``node_id``, adding it on first use."""
+        for entry in self.sites:
+            if entry.node_id == node_id:
+                if name:
+                    entry.site = name
+                return entry
+        entry = SiteRound(site=name or f"node-{node_id}", node_id=node_id)
+        self.sites.append(entry)
+        self.sites.sort(key=lambda s: s.site)
+        return entry
+
+    def finalise(self) -> None:
+        """Compute the case-weighted means over sites that reported."""
+        evals = [s for s in self.sites if s.val_dice is not None and s.num_val_cases]
+        if evals:
+            self.mean_val_dice = weighted_mean(
+                [s.val_dice for s in evals if s.val_dice is not None],
+                [float(s.num_val_cases or 0) for s in evals],
+            )
+        trains = [s for s in self.sites if s.train_loss is not None and s.num_train_cases]
+        if trains:
+            self.mean_train_loss = weighted_mean(
+                [s.train_loss for s in trains if s.train_loss is not None],
+                [float(s.num_train_cases or 0) for s in trains],
+            )
+
+
+CSV_FIELDS = ["round", "site", "node_id", "num_train_cases", "train_loss", "train_steps",
+              "num_val_cases", "val_dice", "error"]
+
+
+@dataclass
+class MetricsHistory:
+    """Everything the coordinator learns during a run, in one serialisable object."""
+
+    run_config: dict[str, Any]
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """Return the history as JSON (NaN written as ``null``)."""
+        return json.dumps(_nan_to_none(asdict(self)), indent=2)
+
+    def to_csv(self) -> str:
+        """Return one CSV row per round and site."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for rnd in self.rounds:
+            for s in rnd.sites:
+                row = {k: v for k, v in asdict(s).items() if k != "site"}
+                writer.writerow({"round": rnd.round, "site": s.site, **row})
+        return buf.getvalue()
+
+    def write(self, folder: Path) -> tuple[Path, Path]:
+        """Write ``metrics.json`` and ``metrics.csv`` atomically; return their paths."""
+        json_path = folder / "metrics.json"
+        csv_path = folder / "metrics.csv"
+        write_text_atomic(json_path, self.to_json())
+        write_text_atomic(csv_path, self.to_csv())
+        return json_path, csv_path
+
+    @classmethod
+    def read(cls, path: Path) -> MetricsHistory:
+        """Load a history written by :meth:`write`."""
+        raw = json.loads(path.read_text())
+        rounds = []
+        for r in raw["rounds"]:
+            sites = [SiteRound(**s) for s in r.pop("sites")]
+            rounds.append(RoundRecord(sites=sites, **r))
+        return cls(run_config=raw["run_config"], rounds=rounds)
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value

@@ -1,0 +1,46 @@
+"""Human-readable progress lines for a round and a run."""
+
+from __future__ import annotations
+
+from server.history import MetricsHistory, RoundRecord
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_round(record: RoundRecord, num_rounds: int) -> list[str]:
+    """Return one header line and one line per site for a finished round."""
+    status = "" if record.aggregated else "  (not aggregated: too few sites replied)"
+    lines = [f"round {record.round}/{num_rounds}: mean val Dice {_num(record.mean_val_dice)}"
+             f"  mean train loss {_num(record.mean_train_loss)}{status}"]
+    for s in record.sites:
+        if s.error:
+            lines.append(f"  {s.site:<14} FAILED {s.error}")
+            continue
+        lines.append(
+            f"  {s.site:<14} val Dice {_num(s.val_dice)} ({s.num_val_cases or 0} cases)"
+            f"  train loss {_num(s.train_loss)} ({s.num_train_cases or 0} cases,"
+            f" {s.train_steps or 0} steps)"
+        )
+    return lines
+
+
+def format_summary(history: MetricsHistory) -> list[str]:
+    """Return a table of per-site validation Dice: first round, best, final."""
+    if not history.rounds:
+        return ["no rounds completed"]
+    sites = sorted({s.site for r in history.rounds for s in r.sites})
+    lines = [f"{'site':<14} {'first':>7} {'best':>7} {'final':>7} {'val cases':>9}"]
+    for name in sites:
+        series = [s for r in history.rounds for s in r.sites if s.site == name]
+        dices = [s.val_dice for s in series if s.val_dice is not None]
+        final = series[-1]
+        lines.append(
+            f"{name:<14} {_num(dices[0] if dices else None):>7} "
+            f"{_num(max(dices) if dices else None):>7} {_num(final.val_dice):>7} "
+            f"{final.num_val_cases or 0:>9}"
+        )
+    last = history.rounds[-1]
+    lines.append(f"{'mean (cases)':<14} {'':>7} {'':>7} {_num(last.mean_val_dice):>7}")
+    return lines

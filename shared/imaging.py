@@ -1,0 +1,288 @@
+"""Reading and writing the image files a site holds: NIfTI, PNG and JPEG.
+
+Every problem with a file (missing, unsupported, truncated, corrupt) is raised as a
+one-line :class:`~shared.errors.DataError` naming the file; no exception from
+nibabel, Pillow or zlib escapes.
+
+Arrays are kept exactly as stored: PNG/JPEG as ``(row, col[, channel])`` and NIfTI
+as ``(X, Y[, Z][, ...])`` in voxel order, without reorientation. :func:`write_mask`
+writes in the same orientation, so reading a written mask gives back the array.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+from PIL import Image
+
+from shared.errors import DataError
+
+SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg")
+"""File name endings of supported images (matched case-insensitively)."""
+
+_FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+_SUPPORTED = "use .nii.gz, .nii, .png, .jpg or .jpeg"
+_CORRUPT_FIX = "the file may be truncated or corrupt; copy or export it again"
+
+# Everything nibabel, Pillow, gzip and zlib raise for a bad file. MemoryError covers
+# a corrupt header that claims an absurd image size.
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    EOFError,
+    zlib.error,
+    struct.error,
+    ValueError,
+    ImageFileError,
+    HeaderDataError,
+    MemoryError,
+    Image.DecompressionBombError,
+)
+
+# Pillow modes converted on reading so that an array is (H, W) or (H, W, 3|4).
+_PIL_CONVERT = {"1": "L", "LA": "L", "La": "L", "PA": "P"}
+_PIL_KEEP = ("L", "P", "RGB", "RGBA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageFile:
+    """One image file as read from disk.
+
+    Attributes
+    ----------
+    array : numpy.ndarray
+        Voxels in the stored dtype. PNG/JPEG: ``(H, W)`` or ``(H, W, C)`` with C in
+        {3, 4}; palette PNGs keep their palette indices. NIfTI: ``(X, Y[, Z][, C])``
+        in the file's voxel order (scaling from ``scl_slope`` applied).
+    affine : numpy.ndarray
+        4x4 float64 voxel-to-world matrix; identity for PNG/JPEG.
+    spacing : tuple of float
+        Voxel size per spatial axis; 1.0 for each axis of a PNG/JPEG.
+    fmt : str
+        ``"nifti"``, ``"png"`` or ``"jpeg"``.
+    header : object or None
+        The nibabel header of a NIfTI file (used to write masks), else None.
+
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, ...]
+    fmt: str
+    header: object | None
+
+
+def _suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    return ""
+
+
+def strip_suffix(name: str) -> str:
+    """Return a file name without its image suffix.
+
+    ``"chase_01L.jpg"`` gives ``"chase_01L"`` and ``"x.nii.gz"`` gives ``"x"``. A
+    name without one of :data:`SUFFIXES` is returned unchanged.
+    """
+    suffix = _suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
+def is_image_file(path: Path) -> bool:
+    """Return True when ``path`` names a visible file with a supported image suffix."""
+    return bool(_suffix(path.name)) and not path.name.startswith(".") and path.is_file()
+
+
+def _one_line(exc: BaseException, path: Path) -> str:
+    text = " ".join(str(exc).replace(str(path), path.name).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def read_image(path: Path) -> ImageFile:
+    """Read a NIfTI, PNG or JPEG file completely.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file; its suffix (see :data:`SUFFIXES`) selects the reader.
+
+    Returns
+    -------
+    ImageFile
+        The array as stored, with affine, spacing, format and (NIfTI) header.
+
+    Raises
+    ------
+    DataError
+        The file is missing, has an unsupported suffix, or cannot be decoded
+        (truncated, corrupt, not an image).
+
+    """
+    path = Path(path)
+    suffix = _suffix(path.name)
+    if not suffix:
+        raise DataError(path, "is not a supported image file", _SUPPORTED)
+    if not path.exists():
+        raise DataError(path, "does not exist", "check the path or add the file")
+    if not path.is_file():
+        raise DataError(path, "is not a file", _SUPPORTED)
+    if _FORMATS[suffix] == "nifti":
+        return _read_nifti(path)
+    return _read_picture(path, _FORMATS[suffix])
+
+
+def _read_nifti(path: Path) -> ImageFile:
+    try:
+        img: Any = nib.load(str(path))
+        # nibabel is lazy: force decompression and decoding here, inside the try.
+        array = np.asarray(img.dataobj)
+        header = img.header
+        affine = np.array(img.affine, dtype=np.float64)
+        zooms = header.get_zooms()
+    except _READ_ERRORS as exc:
+        problem = f"cannot be read as NIfTI ({_one_line(exc, path)})"
+        raise DataError(path, problem, _CORRUPT_FIX) from None
+    if array.ndim < 2 or array.size == 0:
+        raise DataError(
+            path, f"has shape {array.shape}, not an image", "a NIfTI image needs at least 2 axes"
+        )
+    n_spatial = min(array.ndim, 3)
+    spacing = tuple(float(z) for z in zooms[:n_spatial])
+    return ImageFile(array=array, affine=affine, spacing=spacing, fmt="nifti", header=header)
+
+
+def _read_picture(path: Path, fmt: str) -> ImageFile:
+    kind = "PNG" if fmt == "png" else "JPEG"
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in _PIL_CONVERT:
+                converted = img.convert(_PIL_CONVERT[mode])
+            elif mode in _PIL_KEEP:
+                converted = img
+            else:  # CMYK, YCbCr, RGBX, LAB, HSV, ...
+                converted = img.convert("RGB")
+            array = np.array(converted)
+    except _READ_ERRORS as exc:
+        problem = f"cannot be read as {kind} ({_one_line(exc, path)})"
+        raise DataError(path, problem, _CORRUPT_FIX) from None
+    if array.ndim == 3 and array.shape[2] not in (3, 4):  # pragma: no cover - defensive
+        raise DataError(path, f"has {array.shape[2]} channels", "save it as grey, RGB or RGBA")
+    return ImageFile(
+        array=array,
+        affine=np.eye(4, dtype=np.float64),
+        spacing=(1.0, 1.0),
+        fmt=fmt,
+        header=None,
+    )
+
+
+def write_mask(
+    mask: np.ndarray, like: ImageFile, path: Path, *, num_classes: int | None = None
+) -> None:
+    """Write a class-index mask beside or in place of an image's format, atomically.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        Integer class indices in [0, 255], shaped like the spatial axes of
+        ``like.array`` (``(H, W)`` for PNG/JPEG, ``(X, Y[, Z])`` for NIfTI).
+    like : ImageFile
+        The image the mask belongs to; a NIfTI mask gets its affine and header.
+    path : pathlib.Path
+        Output file; ``.nii.gz``/``.nii`` writes NIfTI (uint8), ``.png`` writes an
+        8-bit single-channel PNG. JPEG is refused (lossy compression alters classes).
+    num_classes : int, optional
+        When greater than 2 the PNG keeps class indices even if this mask only
+        holds 0 and 1. By default a mask whose values are all in {0, 1} is binary
+        and written to PNG as {0, 255}; any other mask keeps its class indices.
+
+    Raises
+    ------
+    DataError
+        ``path`` has an unsupported or lossy suffix.
+    ValueError
+        ``mask`` is not integer-valued in [0, 255] or does not fit ``like``.
+
+    """
+    path = Path(path)
+    suffix = _suffix(path.name)
+    if not suffix:
+        raise DataError(path, "is not a supported mask file name", "use .nii.gz, .nii or .png")
+    if _FORMATS[suffix] == "jpeg":
+        raise DataError(
+            path, "cannot hold a mask: JPEG compression changes class values", "write it as .png"
+        )
+    values = _mask_uint8(mask, like)
+    if _FORMATS[suffix] == "png":
+        if values.ndim != 2:
+            raise ValueError(f"a PNG mask must be 2D, got shape {values.shape} for {path}")
+        binary = (num_classes is None or num_classes <= 2) and int(values.max(initial=0)) <= 1
+        picture = Image.fromarray(values * np.uint8(255) if binary else values)
+        _atomic_write(path, suffix, lambda tmp: picture.save(tmp, format="PNG"))
+        return
+    nifti = _nifti_mask(values, like)
+    _atomic_write(path, suffix, lambda tmp: nib.save(nifti, str(tmp)))
+
+
+def _mask_uint8(mask: np.ndarray, like: ImageFile) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim < 2 or like.array.shape[: mask.ndim] != mask.shape:
+        raise ValueError(
+            f"mask shape {mask.shape} does not match the image's spatial shape "
+            f"{like.array.shape[: max(mask.ndim, 2)]}"
+        )
+    if mask.dtype == np.bool_:
+        return mask.astype(np.uint8)
+    if not np.issubdtype(mask.dtype, np.number):
+        raise ValueError(f"mask dtype {mask.dtype} is not numeric")
+    if mask.size and (
+        not np.all(np.isfinite(mask))
+        or np.any(mask != np.round(mask))
+        or mask.min() < 0
+        or mask.max() > 255
+    ):
+        raise ValueError("mask values must be integer class indices in [0, 255]")
+    return mask.astype(np.uint8)
+
+
+def _nifti_mask(values: np.ndarray, like: ImageFile) -> nib.Nifti1Image:
+    header = like.header if like.fmt == "nifti" else None
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    if header is not None and not isinstance(header, nib.Nifti1Header):
+        header = None  # e.g. Analyze; keep the affine only
+    img = image_class(values, like.affine, header=header)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(None, None)
+    img.header.set_intent("none")
+    img.header["cal_min"] = 0
+    img.header["cal_max"] = 0
+    return img
+
+
+def _atomic_write(path: Path, suffix: str, write: Callable[[Path], None]) -> None:
+    """Write through a hidden temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{strip_suffix(path.name)}."
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

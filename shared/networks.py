@@ -1,0 +1,94 @@
+"""Build the shared segmentation network from a :class:`~shared.config.ModelSpec`.
+
+Only normalisation layers without running statistics are used (InstanceNorm,
+GroupNorm): Opacus rejects BatchNorm, and BatchNorm's running means would carry
+statistics of a site's images inside the shared weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import BasicUNet, SegResNet, UNet
+from torch import nn
+
+from shared.config import ModelSpec
+
+FORBIDDEN_NORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+)
+
+
+def _norm_arg(spec: ModelSpec) -> tuple[str, dict[str, object]]:
+    if spec.norm == "group":
+        groups = 8 if min(spec.channels) >= 8 else 1
+        return ("group", {"num_groups": groups})
+    return ("instance", {"affine": True})
+
+
+def build_network(spec: ModelSpec) -> nn.Module:
+    """Return a freshly initialised network for ``spec``.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        Architecture, normalisation, channels, classes and dimensionality.
+
+    Returns
+    -------
+    torch.nn.Module
+        A MONAI network mapping ``(B, in_channels, *patch)`` to
+        ``(B, num_classes, *patch)`` logits.
+    """
+    norm = _norm_arg(spec)
+    net: nn.Module
+    if spec.network == "unet":
+        net = UNet(
+            spatial_dims=spec.spatial_dims,
+            in_channels=spec.in_channels,
+            out_channels=spec.num_classes,
+            channels=spec.channels,
+            strides=(2,) * (len(spec.channels) - 1),
+            num_res_units=1,
+            norm=norm,
+        )
+    elif spec.network == "basicunet":
+        net = BasicUNet(
+            spatial_dims=spec.spatial_dims,
+            in_channels=spec.in_channels,
+            out_channels=spec.num_classes,
+            features=spec.channels[:6],
+            norm=norm,
+        )
+    else:
+        net = SegResNet(
+            spatial_dims=spec.spatial_dims,
+            in_channels=spec.in_channels,
+            out_channels=spec.num_classes,
+            init_filters=spec.channels[0],
+            norm=norm,
+        )
+    assert_no_batchnorm(net)
+    return net
+
+
+def assert_no_batchnorm(net: nn.Module) -> None:
+    """Raise ``ValueError`` if ``net`` contains a BatchNorm layer."""
+    for name, module in net.named_modules():
+        if isinstance(module, FORBIDDEN_NORMS):
+            raise ValueError(
+                f"layer '{name}' is {type(module).__name__}: fedseg networks must use "
+                "InstanceNorm or GroupNorm (Opacus rejects BatchNorm)"
+            )
+
+
+def count_parameters(net: nn.Module) -> int:
+    """Return the number of trainable parameters."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed PyTorch's global generator and return a dedicated one."""
+    torch.manual_seed(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen

@@ -1,0 +1,230 @@
+"""Pure array transforms applied to a case after reading it (no I/O).
+
+The functions that can meet bad data take the file's ``path`` only to name it in a
+:class:`~shared.errors.DataError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import DataError
+
+
+def _dims_fix(spatial_dims: int) -> str:
+    other = 5 - spatial_dims
+    return (
+        f"the model is {spatial_dims}D (patch-size has {spatial_dims} values); "
+        f"use {spatial_dims}D images or a {other}-value patch-size"
+    )
+
+
+def to_channel_first(array: np.ndarray, spatial_dims: int, path: Path) -> np.ndarray:
+    """Move the channel axis of an image to the front.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        ``(*spatial)`` or channel-last ``(*spatial, C)``. NIfTI's
+        ``(*spatial, 1, C)`` layout (an empty time axis before the components)
+        is accepted too.
+    spatial_dims : int
+        2 or 3.
+    path : pathlib.Path
+        The file the array came from, named in errors.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(C, *spatial)``; ``C`` is 1 when ``array`` had no channel axis.
+
+    Raises
+    ------
+    DataError
+        The number of axes does not fit a ``spatial_dims``-D image.
+
+    """
+    if array.ndim == spatial_dims + 2 and array.shape[spatial_dims] == 1:
+        array = np.squeeze(array, axis=spatial_dims)
+    if array.ndim == spatial_dims:
+        return array[np.newaxis]
+    if array.ndim == spatial_dims + 1:
+        return np.moveaxis(array, -1, 0)
+    raise DataError(
+        path,
+        f"has shape {array.shape}, which is not a {spatial_dims}D image with an optional "
+        "channel axis",
+        _dims_fix(spatial_dims),
+    )
+
+
+def match_channels(image_cf: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
+    """Adapt a channel-first image to the model's number of input channels.
+
+    Parameters
+    ----------
+    image_cf : numpy.ndarray
+        ``(C, *spatial)``.
+    in_channels : int
+        Channels the model expects.
+    path : pathlib.Path
+        The image's file, named in errors.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(in_channels, *spatial)``: unchanged when ``C == in_channels``; a single
+        channel repeated; RGB or RGBA averaged over R, G, B when ``in_channels``
+        is 1; RGBA without its alpha channel when ``in_channels`` is 3.
+
+    Raises
+    ------
+    DataError
+        Any other combination of ``C`` and ``in_channels``.
+
+    """
+    channels = image_cf.shape[0]
+    if channels == in_channels:
+        return image_cf
+    if channels == 1:
+        return np.repeat(image_cf, in_channels, axis=0)
+    if channels in (3, 4) and in_channels == 1:
+        return image_cf[:3].astype(np.float64).mean(axis=0, keepdims=True)
+    if channels == 4 and in_channels == 3:
+        return image_cf[:3]
+    raise DataError(
+        path,
+        f"has {channels} channels but the model expects in-channels = {in_channels}",
+        f"set in-channels to {channels} or convert the images (1 channel is repeated; "
+        "RGB/RGBA can feed a 1-channel model)",
+    )
+
+
+def normalize_intensity(image_cf: np.ndarray) -> np.ndarray:
+    """Return a per-channel z-score normalised float32 copy.
+
+    Each channel gets zero mean and unit (population) standard deviation; a
+    constant channel becomes all zeros.
+    """
+    out = np.empty(image_cf.shape, dtype=np.float32)
+    for c in range(image_cf.shape[0]):
+        channel = image_cf[c].astype(np.float64)
+        if channel.size == 0 or channel.min() == channel.max():
+            out[c] = 0.0
+            continue
+        mean = channel.mean()
+        std = channel.std()
+        out[c] = (channel - mean) / std
+    return out
+
+
+def label_to_single_channel(label_cf: np.ndarray, path: Path) -> np.ndarray:
+    """Reduce a channel-first label to its spatial class map.
+
+    Parameters
+    ----------
+    label_cf : numpy.ndarray
+        ``(C, *spatial)``. One channel is taken as is; 3 (RGB) or 4 (RGBA, alpha
+        ignored) channels must be equal, as in a grey mask saved in colour.
+    path : pathlib.Path
+        The label's file, named in errors.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(*spatial)``.
+
+    Raises
+    ------
+    DataError
+        The colour channels differ, or there are 2 or more than 4 channels.
+
+    """
+    channels = label_cf.shape[0]
+    if channels == 1:
+        return label_cf[0]
+    if channels not in (3, 4):
+        raise DataError(
+            path,
+            f"has {channels} channels; a label must be one channel of class indices",
+            "save the label as a single-channel image",
+        )
+    colour = label_cf[:3]
+    if not (np.array_equal(colour[0], colour[1]) and np.array_equal(colour[0], colour[2])):
+        raise DataError(
+            path,
+            "is a colour label whose R, G and B channels differ; a label must hold one "
+            "class index per pixel",
+            "save it as a single-channel (greyscale) mask of class indices",
+        )
+    return colour[0]
+
+
+def labels_to_classes(label: np.ndarray, num_classes: int, path: Path) -> np.ndarray:
+    """Turn a spatial label array into int64 class indices in ``[0, num_classes)``.
+
+    Parameters
+    ----------
+    label : numpy.ndarray
+        ``(*spatial)`` label values as stored.
+    num_classes : int
+        Classes including background. With 2 the label is binarised: integer
+        values by ``label > 0`` (so {0, 1} and {0, 255} both work), soft masks
+        (non-integer values) by ``label >= 0.5 * label.max()``. With more, values
+        must already be class indices.
+    path : pathlib.Path
+        The label's file, named in errors.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 array of the same shape.
+
+    Raises
+    ------
+    DataError
+        NaN/inf or negative values; for ``num_classes > 2`` non-integer values or
+        values outside ``[0, num_classes)``.
+
+    """
+    label = np.asarray(label)
+    if label.dtype == np.bool_:
+        label = label.astype(np.uint8)
+    if not np.issubdtype(label.dtype, np.number) or np.issubdtype(label.dtype, np.complexfloating):
+        raise DataError(path, f"has non-numeric label dtype {label.dtype}", "store class indices")
+    if label.size == 0:
+        return label.astype(np.int64)
+    floating = np.issubdtype(label.dtype, np.floating)
+    if floating and not np.all(np.isfinite(label)):
+        raise DataError(path, "label contains NaN or infinite values", "fix or remove the label")
+    low = label.min()
+    if low < 0:
+        raise DataError(
+            path,
+            f"label has negative values (minimum {low}); is an image stored as a label?",
+            "labels must be class indices >= 0 or a mask in [0, max]",
+        )
+    integral = not floating or bool(np.all(label == np.round(label)))
+    if num_classes == 2:
+        if integral:
+            return (label > 0).astype(np.int64)
+        return (label >= 0.5 * label.max()).astype(np.int64)
+    if not integral:
+        example = label[label != np.round(label)].flat[0]
+        raise DataError(
+            path,
+            f"label has non-integer values (e.g. {example}) but num-classes is {num_classes}",
+            "a multi-class label must hold class indices 0 .. num-classes - 1",
+        )
+    high = label.max()
+    if high >= num_classes:
+        bad = np.unique(label[label >= num_classes])[:5]
+        shown = ", ".join(str(int(v)) for v in bad)
+        raise DataError(
+            path,
+            f"label has values {shown} outside [0, {num_classes}) for num-classes {num_classes}",
+            f"set num-classes to at least {int(high) + 1} or fix the label",
+        )
+    return label.astype(np.int64)

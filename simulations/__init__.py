@@ -1,0 +1,1 @@
+"""Synthetic data for running and testing a federation without real patients."""

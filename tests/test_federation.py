@@ -1,0 +1,137 @@
+"""The server's round loop, on a fake Grid with hand-made replies (exact values)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from server.federation import (
+    FederationState,
+    NotEnoughSitesError,
+    RunFolder,
+    run_federation,
+    run_round,
+    wait_for_nodes,
+)
+from server.history import MetricsHistory
+from server.strategies import build_strategy
+from shared import protocol as p
+from shared.checkpoint import Checkpoint
+from shared.config import RunConfig
+from tests.conftest import FakeGrid
+
+
+def site(name: str, weights: dict[str, np.ndarray], n_train: int, dice: float,
+         n_val: int = 2, loss: float = 0.5):
+    """Return a responder that answers train with fixed weights and evaluate with ``dice``."""
+
+    def respond(msg: Message) -> Message:
+        tag = ConfigRecord({p.SITE_NAME: name})
+        if msg.metadata.message_type == "train":
+            return Message(RecordDict({
+                p.ARRAYS: ArrayRecord({k: Array(v) for k, v in weights.items()}),
+                p.METRICS: MetricRecord({p.NUM_EXAMPLES: n_train, p.TRAIN_LOSS: loss,
+                                         p.TRAIN_STEPS: 3}),
+                p.SITE: tag,
+            }), reply_to=msg)
+        return Message(RecordDict({
+            p.METRICS: MetricRecord({p.NUM_EXAMPLES: n_val, p.VAL_DICE: dice}),
+            p.SITE: tag,
+        }), reply_to=msg)
+
+    return respond
+
+
+def config(**kw: object) -> RunConfig:
+    values = {"min-available-nodes": 2, "min-train-nodes": 2, "min-evaluate-nodes": 2,
+              "node-wait-timeout": 1.0}
+    values.update(kw)
+    return RunConfig.from_user_config(values)
+
+
+def initial() -> dict[str, np.ndarray]:
+    return {"w": np.zeros(2), "b": np.zeros((1, 2))}
+
+
+def test_fedavg_is_exact_case_weighted_mean(tmp_path: Path) -> None:
+    grid = FakeGrid({
+        11: site("a", {"w": np.array([1.0, 2.0]), "b": np.array([[0.0, 8.0]])}, 1, 0.5),
+        22: site("b", {"w": np.array([4.0, 8.0]), "b": np.array([[4.0, 0.0]])}, 3, 0.9),
+    })
+    cfg = config(**{"num-server-rounds": 1})
+    folder = RunFolder(tmp_path)
+    state = run_federation(grid, cfg, initial(), folder, reporter=_Silent())  # type: ignore[arg-type]
+    # (1*[1,2] + 3*[4,8]) / 4 and (1*[0,8] + 3*[4,0]) / 4
+    np.testing.assert_array_equal(state.weights["w"], np.array([3.25, 6.5]))
+    np.testing.assert_array_equal(state.weights["b"], np.array([[3.0, 2.0]]))
+    saved = Checkpoint.load(folder.final_model).weights
+    np.testing.assert_array_equal(saved["w"], np.array([3.25, 6.5]))
+    np.testing.assert_array_equal(Checkpoint.load(folder.checkpoint(1)).weights["b"],
+                                  np.array([[3.0, 2.0]]))
+    rnd = state.history.rounds[0]
+    assert [(s.site, s.num_train_cases, s.val_dice) for s in rnd.sites] == [
+        ("a", 1, 0.5), ("b", 3, 0.9)]
+    assert rnd.mean_val_dice == pytest.approx((0.5 * 2 + 0.9 * 2) / 4)
+    # The history on disk is the same object, as JSON and CSV.
+    assert MetricsHistory.read(tmp_path / "metrics.json").rounds[0].sites[1].val_dice == 0.9
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("round,site,node_id")
+    assert csv_lines[1].startswith("1,a,11,1,0.5,3,2,0.5")
+
+
+def test_round_sends_model_and_plan_to_every_site() -> None:
+    grid = FakeGrid({1: site("a", initial(), 1, 0.5), 2: site("b", initial(), 1, 0.5)})
+    cfg = config(strategy="fedprox", **{"proximal-mu": 0.25, "local-steps": 7})
+    state = FederationState(0, initial(), MetricsHistory({}))
+    run_round(grid, build_strategy(cfg), cfg, state)
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert sorted(m.metadata.dst_node_id for m in train_msgs) == [1, 2]
+    sent = train_msgs[0].content.config_records[p.CONFIG]
+    assert sent["proximal-mu"] == 0.25
+    assert sent["local-steps"] == 7
+    assert sent["server-round"] == 1
+    assert sent["model-patch-size"] == "64,64"
+
+
+def test_failed_and_silent_sites_are_recorded_and_excluded() -> None:
+    def broken(msg: Message) -> Message:
+        return Message(Error(code=0, reason="disk full"), reply_to=msg)
+
+    grid = FakeGrid({
+        1: site("a", {"w": np.array([2.0, 2.0]), "b": np.ones((1, 2))}, 2, 0.7),
+        2: broken,
+        3: lambda msg: None,
+    })
+    cfg = config(**{"min-train-nodes": 1, "min-evaluate-nodes": 1})
+    state = run_round(grid, build_strategy(cfg), cfg,
+                      FederationState(0, initial(), MetricsHistory({})))
+    np.testing.assert_array_equal(state.weights["w"], np.array([2.0, 2.0]))
+    errors = {s.node_id: s.error for s in state.history.rounds[0].sites}
+    assert errors[1] is None
+    assert "disk full" in str(errors[2])
+    assert "no reply" in str(errors[3])
+
+
+def test_too_few_replies_keep_previous_weights() -> None:
+    grid = FakeGrid({1: site("a", {"w": np.ones(2), "b": np.ones((1, 2))}, 1, 0.5),
+                     2: lambda msg: None})
+    cfg = config()
+    state = run_round(grid, build_strategy(cfg), cfg,
+                      FederationState(0, initial(), MetricsHistory({})))
+    assert not state.history.rounds[0].aggregated
+    np.testing.assert_array_equal(state.weights["w"], np.zeros(2))
+
+
+def test_waiting_for_sites_ends_with_a_clear_error() -> None:
+    clock = iter(range(100))
+    with pytest.raises(NotEnoughSitesError, match="only 1 of the 3 required sites"):
+        wait_for_nodes(FakeGrid({1: site("a", initial(), 1, 0.5)}), 3, timeout=5,  # type: ignore[arg-type]
+                       clock=lambda: float(next(clock)), sleep=lambda s: None)
+
+
+class _Silent:
+    def round_finished(self, record: object, num_rounds: int) -> None:
+        pass
