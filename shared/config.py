@@ -186,10 +186,6 @@ class ModelSpec:
             raise reader.error("channels", "unet needs at least two levels, e.g. '16,32,64'")
         if self.network == "basicunet" and len(self.channels) < 6:
             raise reader.error("channels", "basicunet needs six values, e.g. '16,16,32,64,128,16'")
-        if self.norm == "group" and any(c % self._groups() for c in self.channels):
-            raise reader.error(
-                "channels", f"with norm 'group' every value must be divisible by {self._groups()}"
-            )
         factor = self.downsampling_factor
         if any(p % factor for p in self.patch_size):
             raise reader.error(
@@ -200,8 +196,17 @@ class ModelSpec:
         if self.in_channels < 1 or self.num_classes < 2:
             raise reader.error("num-classes", "needs in-channels >= 1 and num-classes >= 2")
 
-    def _groups(self) -> int:
-        return 8 if min(self.channels) >= 8 else 1
+    @property
+    def norm_groups(self) -> int:
+        """Groups of GroupNorm: the largest of 8, 4, 2, 1 dividing every normalised width.
+
+        MONAI's UNet also normalises its last up-sampling output, whose width is
+        ``num_classes``, so that width counts too.
+        """
+        widths = [*self.channels]
+        if self.network == "unet":
+            widths.append(self.num_classes)
+        return next(g for g in (8, 4, 2, 1) if all(w % g == 0 for w in widths))
 
     @property
     def spatial_dims(self) -> int:

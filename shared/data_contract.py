@@ -354,7 +354,7 @@ def _image_channel_first(
     if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
         raise DataError(path, f"has non-numeric voxel type {array.dtype}", "store numbers")
     if np.issubdtype(array.dtype, np.inexact):
-        bad = 0
+        bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
             raise DataError(
                 path,

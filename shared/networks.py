@@ -20,8 +20,7 @@ FORBIDDEN_NORMS: tuple[type[nn.Module], ...] = (
 
 def _norm_arg(spec: ModelSpec) -> tuple[str, dict[str, object]]:
     if spec.norm == "group":
-        groups = 8 if min(spec.channels) >= 8 else 1
-        return ("group", {"num_groups": groups})
+        return ("group", {"num_groups": spec.norm_groups})
     return ("instance", {"affine": True})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -397,9 +398,8 @@ def test_split_is_deterministic_under_shuffling() -> None:
     cases = chase_cases(9)
     expected = split_cases(cases, 0.25)
     # The hash order is fixed: compute it independently.
-    import hashlib
-
-    ranked = sorted({c.patient_id for c in cases}, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    patients = {c.patient_id for c in cases}
+    ranked = sorted(patients, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
     assert {c.patient_id for c in expected[1]} == set(ranked[:2])  # round(0.25 * 9) == 2
     rng = random.Random(0)
     for _ in range(5):
