@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from shared.config import ModelSpec, SiteConfig, TrainPlan

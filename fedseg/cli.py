@@ -30,8 +30,8 @@ def _parse_overrides(text: list[str] | None) -> dict[str, Any]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from server.report import format_summary
     from server.history import MetricsHistory
+    from server.report import format_summary
     from simulations.simulate import SimulationRequest, run_simulation
 
     overrides = _parse_overrides(args.run_config)
@@ -39,7 +39,8 @@ def _simulate(args: argparse.Namespace) -> int:
         overrides["num-server-rounds"] = args.rounds
     request = SimulationRequest(
         data=args.data, num_sites=args.sites, output=args.output, overrides=overrides,
-        synthetic_dims=args.dims, cases_per_site=args.cases, seed=args.seed,
+        synthetic_dims=args.dims, cases_per_site=args.cases, synthetic_size=args.size,
+        seed=args.seed,
     )
     outcome = run_simulation(request)
     history = MetricsHistory.read(outcome.metrics_json)
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dims", type=int, choices=(2, 3), default=2,
                      help="synthetic data: 2D images or 3D NIfTI volumes (default 2)")
     sim.add_argument("--cases", type=int, default=24, help="synthetic cases per site (default 24)")
+    sim.add_argument("--size", type=int, default=0,
+                     help="synthetic image side in pixels (default 96 for 2D, 48 for 3D)")
     sim.add_argument("--rounds", type=int, default=None, help="federated rounds")
     sim.add_argument("--output", type=Path, default=Path("runs"),
                      help="folder for run folders (default ./runs)")

@@ -20,13 +20,13 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from server.history import MetricsHistory, RoundRecord
+from server.strategies import build_strategy
 from shared import protocol as p
 from shared.checkpoint import Checkpoint
 from shared.config import RunConfig
 from shared.errors import FedsegError
 from shared.weights import NDArrays, from_record, to_record
-from server.history import MetricsHistory, RoundRecord
-from server.strategies import build_strategy
 
 log = logging.getLogger("fedseg.server")
 
@@ -108,7 +108,8 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
             entry.error = f"{phase}: {msg.error.reason}"
             log.warning("site node-%s failed in %s: %s", node, phase, msg.error.reason)
             continue
-        name = str(msg.content.config_records.get(p.SITE, {}).get(p.SITE_NAME, ""))
+        tag = msg.content.config_records.get(p.SITE)
+        name = str(tag[p.SITE_NAME]) if tag is not None and p.SITE_NAME in tag else ""
         entry = record.site(node, name)
         metrics = msg.content.metric_records[p.METRICS]
         if phase == "train":

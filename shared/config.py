@@ -55,7 +55,7 @@ class _Reader:
             raise self.error(key, "is required but missing")
         return default
 
-    def int(self, key: str, default: Any = None, minimum: int | None = None) -> int:
+    def get_int(self, key: str, default: Any = None, minimum: int | None = None) -> int:
         raw = self._get(key, default)
         if isinstance(raw, bool) or not isinstance(raw, int | float | str):
             raise self.error(key, f"expected an integer, got {raw!r}")
@@ -69,7 +69,7 @@ class _Reader:
             raise self.error(key, f"must be at least {minimum}, got {value}")
         return value
 
-    def float(
+    def get_float(
         self,
         key: str,
         default: Any = None,
@@ -95,7 +95,7 @@ class _Reader:
             raise self.error(key, f"must be {bound} {maximum}, got {value}")
         return value
 
-    def bool(self, key: str, default: Any = None) -> bool:
+    def get_bool(self, key: str, default: Any = None) -> bool:
         raw = self._get(key, default)
         if isinstance(raw, bool):
             return raw
@@ -105,19 +105,19 @@ class _Reader:
             return bool(raw)
         raise self.error(key, f"expected true or false, got {raw!r}")
 
-    def str(self, key: str, default: Any = None) -> str:
+    def get_str(self, key: str, default: Any = None) -> str:
         raw = self._get(key, default)
         if not isinstance(raw, str):
             raise self.error(key, f"expected a string, got {raw!r}")
         return raw
 
-    def choice(self, key: str, choices: tuple[str, ...], default: Any = None) -> str:
-        value = self.str(key, default).strip().lower()
+    def get_choice(self, key: str, choices: tuple[str, ...], default: Any = None) -> str:
+        value = self.get_str(key, default).strip().lower()
         if value not in choices:
             raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
 
-    def ints(self, key: str, default: Any = None, minimum: int = 1) -> tuple[int, ...]:
+    def get_ints(self, key: str, default: Any = None, minimum: int = 1) -> tuple[int, ...]:
         raw = self._get(key, default)
         if isinstance(raw, int) and not isinstance(raw, bool):
             parts = [str(raw)]
@@ -238,12 +238,12 @@ class ModelSpec:
         """Parse the ``model-*`` keys written by :meth:`to_config`."""
         r = _Reader(values, source, "the server and the site must run the same fedseg version")
         return cls(
-            network=cast(Network, r.choice("model-network", NETWORKS, _REQUIRED)),
-            norm=cast(Norm, r.choice("model-norm", NORMS, _REQUIRED)),
-            channels=r.ints("model-channels", _REQUIRED),
-            in_channels=r.int("model-in-channels", _REQUIRED, minimum=1),
-            num_classes=r.int("model-num-classes", _REQUIRED, minimum=2),
-            patch_size=r.ints("model-patch-size", _REQUIRED),
+            network=cast(Network, r.get_choice("model-network", NETWORKS, _REQUIRED)),
+            norm=cast(Norm, r.get_choice("model-norm", NORMS, _REQUIRED)),
+            channels=r.get_ints("model-channels", _REQUIRED),
+            in_channels=r.get_int("model-in-channels", _REQUIRED, minimum=1),
+            num_classes=r.get_int("model-num-classes", _REQUIRED, minimum=2),
+            patch_size=r.get_ints("model-patch-size", _REQUIRED),
         )
 
 
@@ -294,13 +294,13 @@ class TrainPlan:
         """Parse the keys written by :meth:`to_config` (FedProx adds ``proximal-mu``)."""
         r = _Reader(values, source, "the server and the site must run the same fedseg version")
         return cls(
-            server_round=r.int("server-round", 1, minimum=0),
-            local_epochs=r.int("local-epochs", 1, minimum=1),
-            local_steps=r.int("local-steps", 0, minimum=0),
-            batch_size=r.int("batch-size", 8, minimum=1),
-            learning_rate=r.float("learning-rate", 3e-3, minimum=0.0, exclusive_minimum=True),
-            proximal_mu=r.float("proximal-mu", 0.0, minimum=0.0),
-            seed=r.int("seed", 0),
+            server_round=r.get_int("server-round", 1, minimum=0),
+            local_epochs=r.get_int("local-epochs", 1, minimum=1),
+            local_steps=r.get_int("local-steps", 0, minimum=0),
+            batch_size=r.get_int("batch-size", 8, minimum=1),
+            learning_rate=r.get_float("learning-rate", 3e-3, minimum=0.0, exclusive_minimum=True),
+            proximal_mu=r.get_float("proximal-mu", 0.0, minimum=0.0),
+            seed=r.get_int("seed", 0),
         )
 
 
@@ -389,38 +389,38 @@ class RunConfig:
         d = cls()
         r = _Reader(values, RUN_CONFIG, _RUN_FIX)
         model = ModelSpec(
-            network=cast(Network, r.choice("network", NETWORKS, d.model.network)),
-            norm=cast(Norm, r.choice("norm", NORMS, d.model.norm)),
-            channels=r.ints("channels", _csv(d.model.channels)),
-            in_channels=r.int("in-channels", d.model.in_channels, minimum=1),
-            num_classes=r.int("num-classes", d.model.num_classes, minimum=2),
-            patch_size=r.ints("patch-size", _csv(d.model.patch_size)),
+            network=cast(Network, r.get_choice("network", NETWORKS, d.model.network)),
+            norm=cast(Norm, r.get_choice("norm", NORMS, d.model.norm)),
+            channels=r.get_ints("channels", _csv(d.model.channels)),
+            in_channels=r.get_int("in-channels", d.model.in_channels, minimum=1),
+            num_classes=r.get_int("num-classes", d.model.num_classes, minimum=2),
+            patch_size=r.get_ints("patch-size", _csv(d.model.patch_size)),
         )
         return cls(
-            num_server_rounds=r.int("num-server-rounds", d.num_server_rounds, minimum=1),
-            strategy=cast(Strategy, r.choice("strategy", STRATEGIES, d.strategy)),
-            proximal_mu=r.float("proximal-mu", d.proximal_mu, minimum=0.0),
-            server_learning_rate=r.float(
+            num_server_rounds=r.get_int("num-server-rounds", d.num_server_rounds, minimum=1),
+            strategy=cast(Strategy, r.get_choice("strategy", STRATEGIES, d.strategy)),
+            proximal_mu=r.get_float("proximal-mu", d.proximal_mu, minimum=0.0),
+            server_learning_rate=r.get_float(
                 "server-learning-rate", d.server_learning_rate, minimum=0.0, exclusive_minimum=True
             ),
-            min_available_nodes=r.int("min-available-nodes", d.min_available_nodes, minimum=1),
-            min_train_nodes=r.int("min-train-nodes", d.min_train_nodes, minimum=1),
-            min_evaluate_nodes=r.int("min-evaluate-nodes", d.min_evaluate_nodes, minimum=1),
-            node_wait_timeout=r.float(
+            min_available_nodes=r.get_int("min-available-nodes", d.min_available_nodes, minimum=1),
+            min_train_nodes=r.get_int("min-train-nodes", d.min_train_nodes, minimum=1),
+            min_evaluate_nodes=r.get_int("min-evaluate-nodes", d.min_evaluate_nodes, minimum=1),
+            node_wait_timeout=r.get_float(
                 "node-wait-timeout", d.node_wait_timeout, minimum=0.0, exclusive_minimum=True
             ),
-            round_timeout=r.float(
+            round_timeout=r.get_float(
                 "round-timeout", d.round_timeout, minimum=0.0, exclusive_minimum=True
             ),
             model=model,
-            local_epochs=r.int("local-epochs", d.local_epochs, minimum=1),
-            local_steps=r.int("local-steps", d.local_steps, minimum=0),
-            batch_size=r.int("batch-size", d.batch_size, minimum=1),
-            learning_rate=r.float(
+            local_epochs=r.get_int("local-epochs", d.local_epochs, minimum=1),
+            local_steps=r.get_int("local-steps", d.local_steps, minimum=0),
+            batch_size=r.get_int("batch-size", d.batch_size, minimum=1),
+            learning_rate=r.get_float(
                 "learning-rate", d.learning_rate, minimum=0.0, exclusive_minimum=True
             ),
-            seed=r.int("seed", d.seed),
-            output_dir=Path(r.str("output-dir", str(d.output_dir))),
+            seed=r.get_int("seed", d.seed),
+            output_dir=Path(r.get_str("output-dir", str(d.output_dir))),
         )
 
 
@@ -496,17 +496,17 @@ class SiteConfig:
     def from_node_config(cls, values: Mapping[str, Any]) -> SiteConfig:
         """Parse and validate a SuperNode's node config."""
         r = _Reader(values, NODE_CONFIG, _NODE_FIX)
-        data_path = Path(r.str("data-path", _REQUIRED)).expanduser()
-        state = r.str("state-dir", "")
+        data_path = Path(r.get_str("data-path", _REQUIRED)).expanduser()
+        state = r.get_str("state-dir", "")
         return cls(
             data_path=data_path,
-            site_name=r.str("site-name", ""),
+            site_name=r.get_str("site-name", ""),
             state_dir=Path(state).expanduser() if state else Path(),
-            device=r.str("device", "auto").strip().lower(),
-            val_fraction=r.float("val-fraction", 0.2, minimum=0.0, maximum=1.0,
+            device=r.get_str("device", "auto").strip().lower(),
+            val_fraction=r.get_float("val-fraction", 0.2, minimum=0.0, maximum=1.0,
                                  exclusive_maximum=True),
-            patient_pattern=r.str("patient-pattern", ""),
-            num_threads=r.int("num-threads", 0, minimum=0),
-            amp=r.bool("amp", False),
-            seed=r.int("seed", 0),
+            patient_pattern=r.get_str("patient-pattern", ""),
+            num_threads=r.get_int("num-threads", 0, minimum=0),
+            amp=r.get_bool("amp", False),
+            seed=r.get_int("seed", 0),
         )

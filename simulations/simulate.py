@@ -46,6 +46,7 @@ class SimulationRequest:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     synthetic_dims: int = 2
     cases_per_site: int = 24
+    synthetic_size: int = 0
     seed: int = 0
 
 
@@ -140,7 +141,8 @@ def run_simulation(request: SimulationRequest,
     if request.data is None:
         from simulations.phantoms import write_synthetic_federation
 
-        shape = (96, 96) if request.synthetic_dims == 2 else (48, 48, 48)
+        side = request.synthetic_size or (96 if request.synthetic_dims == 2 else 48)
+        shape = (side,) * request.synthetic_dims
         data_dir = run_dir / "synthetic-data"
         echo(f"writing {request.num_sites} synthetic {request.synthetic_dims}D sites to {data_dir}")
         folders = write_synthetic_federation(data_dir, request.num_sites, request.cases_per_site,

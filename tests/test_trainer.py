@@ -1,0 +1,75 @@
+"""The framework-free site trainer on small synthetic sites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.trainer import SiteTrainer
+from shared.config import ModelSpec, SiteConfig, TrainPlan
+from simulations.phantoms import write_synthetic_federation
+
+SPEC = ModelSpec(channels=(8, 16, 32), patch_size=(32, 32))
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sites")
+    return write_synthetic_federation(root, num_sites=1, cases_per_site=8, shape=(48, 48))[0]
+
+
+def trainer(site_dir: Path) -> SiteTrainer:
+    return SiteTrainer(SiteConfig(data_path=site_dir, val_fraction=0.25, device="cpu",
+                                  num_threads=1), SPEC)
+
+
+def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return float(sum(np.sum((a[k] - b[k]) ** 2) for k in a))
+
+
+def test_num_examples_counts_cases_not_batches(site_dir: Path) -> None:
+    t = trainer(site_dir)
+    assert (len(t.data.train), len(t.data.val)) == (6, 2)
+    result = t.train(t.weights(), TrainPlan(local_steps=3, batch_size=4))
+    assert result.num_examples == 6
+    assert result.steps == 3
+    assert t.steps_for(TrainPlan(local_epochs=2, batch_size=4)) == 4  # 2 * ceil(6 / 4)
+
+
+def test_training_is_deterministic_for_a_seed(site_dir: Path) -> None:
+    t = trainer(site_dir)
+    start = t.weights()
+    plan = TrainPlan(local_steps=2, batch_size=4, seed=5)
+    first = t.train(start, plan).weights
+    second = t.train(start, plan).weights
+    other = t.train(start, TrainPlan(local_steps=2, batch_size=4, seed=6)).weights
+    assert distance(first, second) == 0.0
+    assert distance(first, other) > 0.0
+
+
+def test_fedprox_term_pulls_local_weights_towards_global(site_dir: Path) -> None:
+    t = trainer(site_dir)
+    start = t.weights()
+    plain = t.train(start, TrainPlan(local_steps=4, batch_size=4, learning_rate=0.01))
+    prox = t.train(start, TrainPlan(local_steps=4, batch_size=4, learning_rate=0.01,
+                                    proximal_mu=100.0))
+    assert distance(plain.weights, prox.weights) > 0.0
+    assert distance(prox.weights, start) < distance(plain.weights, start)
+
+
+def test_evaluate_scores_every_validation_case(site_dir: Path) -> None:
+    t = trainer(site_dir)
+    result = t.evaluate(t.weights())
+    assert result.num_examples == 2
+    assert sorted(result.per_case) == sorted(c.case_id for c in t.data.val)
+    assert all(0.0 <= d <= 1.0 for d in result.per_case.values())
+    case = t.data.val[0]
+    assert t.predict(t.weights(), case.image).shape == case.label.shape
+
+
+def test_weights_of_another_model_are_refused(site_dir: Path) -> None:
+    t = trainer(site_dir)
+    with pytest.raises(ValueError, match="same model settings"):
+        t.train({"foo": np.zeros(1)}, TrainPlan(local_steps=1))
