@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     Parameters
@@ -17,9 +17,12 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         Final location; its folder is created if needed.
     write : callable
         Writes the complete content to the temporary path it is given.
+    suffix : str
+        Ending of the temporary name, for writers that infer the format from it
+        (nibabel does).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

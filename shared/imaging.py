@@ -11,11 +11,8 @@ writes in the same orientation, so reading a written mask gives back the array.
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from PIL import Image
 
+from shared.atomic import write_atomic
 from shared.errors import DataError
 
 SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg")
@@ -232,10 +230,10 @@ def write_mask(
             raise ValueError(f"a PNG mask must be 2D, got shape {values.shape} for {path}")
         binary = (num_classes is None or num_classes <= 2) and int(values.max(initial=0)) <= 1
         picture = Image.fromarray(values * np.uint8(255) if binary else values)
-        _atomic_write(path, suffix, lambda tmp: picture.save(tmp, format="PNG"))
+        write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"), suffix=suffix)
         return
     nifti = _nifti_mask(values, like)
-    _atomic_write(path, suffix, lambda tmp: nib.save(nifti, str(tmp)))
+    write_atomic(path, lambda tmp: nib.save(nifti, str(tmp)), suffix=suffix)
 
 
 def _mask_uint8(mask: np.ndarray, like: ImageFile) -> np.ndarray:
@@ -271,18 +269,3 @@ def _nifti_mask(values: np.ndarray, like: ImageFile) -> nib.Nifti1Image:
     img.header["cal_min"] = 0
     img.header["cal_max"] = 0
     return img
-
-
-def _atomic_write(path: Path, suffix: str, write: Callable[[Path], None]) -> None:
-    """Write through a hidden temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{strip_suffix(path.name)}."
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
