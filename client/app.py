@@ -13,10 +13,14 @@ from threading import Lock
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.trainer import SiteTrainer
+from client.trainer import SiteTrainer, TrainResult
 from shared import protocol as p
 from shared.config import ModelSpec, SiteConfig, TrainPlan
+from shared.privacy import PrivacyRequest, resolve_privacy
 from shared.weights import from_record, to_record
 
 log = logging.getLogger("fedseg.client")
@@ -53,6 +57,52 @@ class TrainerCache:
             return self._trainers[key]
 
 
+def clip_update_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Apply Flower's ``fixedclipping_mod`` when the server asks for client-side clipping.
+
+    A refused round carries no weights to clip, so its explicit refusal is passed
+    through instead of being turned into an error by the mod.
+    """
+    config = msg.content.config_records.get(p.CONFIG)
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    seen: list[Message] = []
+
+    def inner(m: Message, c: Context) -> Message:
+        out = call_next(m, c)
+        seen.append(out)
+        return out
+
+    out = fixedclipping_mod(msg, context, inner)
+    if seen and not seen[0].has_error() and not seen[0].content.array_records:
+        return seen[0]
+    return out
+
+
+def train_reply(msg: Message, site: SiteConfig, result: TrainResult,
+                uniform_weights: bool) -> Message:
+    """Build the reply to a train message: shared weights (unless refused) and numbers."""
+    metrics = MetricRecord({
+        # Central DP's sensitivity analysis needs every update weighted equally.
+        p.NUM_EXAMPLES: 1 if uniform_weights else result.num_examples,
+        p.TRAIN_CASES: result.num_examples,
+        p.TRAIN_LOSS: 0.0 if result.refused else result.train_loss,
+        p.TRAIN_STEPS: result.steps,
+    })
+    privacy = ConfigRecord({
+        p.DP: result.epsilon is not None,
+        p.EPSILON: result.epsilon or 0.0,
+        p.DELTA: result.delta or 0.0,
+        p.REFUSED: bool(result.refused),
+        p.REASON: result.refused,
+    })
+    content = RecordDict({p.METRICS: metrics, p.SITE: ConfigRecord({p.SITE_NAME: site.site_name}),
+                          p.PRIVACY: privacy})
+    if not result.refused:
+        content[p.ARRAYS] = to_record(result.weights)
+    return Message(content=content, reply_to=msg)
+
+
 def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
     """Build the ClientApp.
 
@@ -70,25 +120,20 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
     app = ClientApp()
     cache = TrainerCache()
 
-    @app.train()
+    @app.train(mods=[clip_update_mod])
     def train(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
         config = msg.content.config_records[p.CONFIG]
         spec = ModelSpec.from_config(config)
         plan = TrainPlan.from_config(config)
+        # The site's own settings bound whatever the coordinator requests.
+        privacy = resolve_privacy(site.privacy, PrivacyRequest.from_config(config))
         trainer = cache.get(site, spec)
-        result = trainer.train(from_record(msg.content.array_records[p.ARRAYS]), plan)
-        metrics = MetricRecord({
-            p.NUM_EXAMPLES: result.num_examples,
-            p.TRAIN_LOSS: result.train_loss,
-            p.TRAIN_STEPS: result.steps,
-        })
-        content = RecordDict({
-            p.ARRAYS: to_record(result.weights),
-            p.METRICS: metrics,
-            p.SITE: ConfigRecord({p.SITE_NAME: site.site_name}),
-        })
-        return Message(content=content, reply_to=msg)
+        result = trainer.train(from_record(msg.content.array_records[p.ARRAYS]), plan, privacy)
+        if result.refused:
+            log.warning("site %s refused round %d: %s", site.site_name, plan.server_round,
+                        result.refused)
+        return train_reply(msg, site, result, bool(config.get("uniform-weights", False)))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

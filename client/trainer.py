@@ -7,7 +7,9 @@ learning code is tested once and behaves the same everywhere.
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,12 +19,14 @@ import torch
 from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader, Dataset
 
+from client.privacy_ledger import PrivacyLedger
 from shared.config import ModelSpec, SiteConfig, TrainPlan
 from shared.data_contract import CaseRef, LoadedCase, discover_cases, load_case, split_cases
 from shared.errors import DataError
 from shared.inference import predict_classes
 from shared.metrics import case_dice
 from shared.networks import build_network
+from shared.privacy import PrivacySettings, calibrate_noise, sample_rate
 from shared.proximal import proximal_term
 from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
 
@@ -53,12 +57,31 @@ class SiteData:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What one round of local training produced."""
+    """What one round of local training produced.
+
+    Attributes
+    ----------
+    weights : dict of numpy.ndarray
+        Updated weights; empty when the round was refused.
+    num_examples : int
+        Training cases at this site.
+    train_loss : float
+        Mean loss over the steps (NaN if none).
+    steps : int
+        Optimiser steps taken (Poisson batches, empty ones included, under DP).
+    epsilon, delta : float or None
+        Cumulative privacy spent by this site after the round; ``None`` without DP.
+    refused : str
+        Why the site refused to train this round ("" if it trained).
+    """
 
     weights: NDArrays
     num_examples: int
     train_loss: float
     steps: int
+    epsilon: float | None = None
+    delta: float | None = None
+    refused: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,7 +204,8 @@ class SiteTrainer:
             return plan.local_steps
         return plan.local_epochs * math.ceil(self.num_train_cases / plan.batch_size)
 
-    def train(self, global_weights: NDArrays, plan: TrainPlan) -> TrainResult:
+    def train(self, global_weights: NDArrays, plan: TrainPlan,
+              privacy: PrivacySettings | None = None) -> TrainResult:
         """Run one round of local training from ``global_weights``.
 
         Parameters
@@ -190,6 +214,9 @@ class SiteTrainer:
             Weights received from the server.
         plan : TrainPlan
             Epochs or steps, batch size, learning rate and FedProx ``mu``.
+        privacy : PrivacySettings, optional
+            DP-SGD settings already resolved against the site's own; the round is
+            refused when it would push the site's epsilon past its maximum.
 
         Returns
         -------
@@ -204,6 +231,8 @@ class SiteTrainer:
         dataset = PatchDataset(self.data.train, self.spec.patch_size, rng)
         loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
+        if privacy is not None:
+            return self._train_private(loader, plan, privacy)
         anchor = {n: p.detach().clone() for n, p in self.net.named_parameters()}
         optimiser = torch.optim.Adam(self.net.parameters(), lr=plan.learning_rate)
         use_amp = self.site.amp and self.device.type == "cuda"
@@ -239,6 +268,70 @@ class SiteTrainer:
             num_examples=self.num_train_cases,
             train_loss=float(np.mean(losses)),
             steps=len(losses),
+        )
+
+    def privacy_spent(self, privacy: PrivacySettings) -> float:
+        """Return the site's cumulative epsilon at ``privacy.delta`` from its ledger."""
+        return PrivacyLedger.load(self.site.state_dir).epsilon(privacy.delta, privacy.accountant)
+
+    def _train_private(self, loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
+                       plan: TrainPlan, privacy: PrivacySettings) -> TrainResult:
+        """DP-SGD with Opacus: Poisson-sampled cases, per-case clipping, Gaussian noise."""
+        from opacus import PrivacyEngine
+
+        ledger = PrivacyLedger.load(self.site.state_dir)
+        rate = sample_rate(plan.batch_size, self.num_train_cases)
+        steps = self.steps_for(plan)
+        noise = privacy.noise_multiplier
+        if noise == 0:
+            if ledger.calibrated_noise is None:
+                # Calibrated once and kept, so later rounds cannot drift to less noise.
+                ledger.calibrated_noise = calibrate_noise(
+                    privacy.target_epsilon, privacy.delta, rate,
+                    steps * privacy.planned_rounds, privacy.accountant)
+                ledger.save()
+            noise = ledger.calibrated_noise
+        spent = ledger.epsilon(privacy.delta, privacy.accountant)
+        projected = ledger.epsilon(privacy.delta, privacy.accountant, (noise, rate, steps))
+        if projected > privacy.max_epsilon:
+            return TrainResult(
+                weights={}, num_examples=self.num_train_cases, train_loss=float("nan"),
+                steps=0, epsilon=spent, delta=privacy.delta,
+                refused=(f"round {plan.server_round} would raise epsilon from {spent:.3f} to "
+                         f"{projected:.3f}, above this site's maximum {privacy.max_epsilon:g}"),
+            )
+        # A private copy gets Opacus's hooks; the site's network stays unwrapped, so
+        # parameter names are the same with and without DP.
+        net = copy.deepcopy(self.net)
+        net.train()
+        optimiser = torch.optim.Adam(net.parameters(), lr=plan.learning_rate)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns about secure RNG on every call
+            engine = PrivacyEngine(accountant=privacy.accountant)
+            dp_net, dp_optimiser, dp_loader = engine.make_private(
+                module=net, optimizer=optimiser, data_loader=loader, noise_multiplier=noise,
+                max_grad_norm=privacy.max_grad_norm, poisson_sampling=True)
+        losses: list[float] = []
+        taken = 0
+        while taken < steps:
+            for images, labels in dp_loader:
+                if taken >= steps:
+                    break
+                taken += 1  # an empty Poisson batch is still a sampling step to account for
+                if images.shape[0] == 0:
+                    continue
+                dp_optimiser.zero_grad(set_to_none=True)
+                loss = self.loss_fn(dp_net(images.to(self.device)), labels.to(self.device))
+                loss.backward()
+                dp_optimiser.step()
+                losses.append(float(loss.detach()))
+        self.net.load_state_dict(net.state_dict())
+        epsilon = ledger.epsilon(privacy.delta, privacy.accountant, (noise, rate, taken))
+        ledger.record((noise, rate, taken), plan.server_round, epsilon)
+        return TrainResult(
+            weights=self.weights(), num_examples=self.num_train_cases,
+            train_loss=float(np.mean(losses)) if losses else float("nan"), steps=taken,
+            epsilon=epsilon, delta=privacy.delta,
         )
 
     def evaluate(self, weights: NDArrays) -> EvalResult:

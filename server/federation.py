@@ -18,7 +18,7 @@ from typing import Protocol
 
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from server.history import MetricsHistory, RoundRecord
 from server.strategies import build_strategy
@@ -113,9 +113,19 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
         entry = record.site(node, name)
         metrics = msg.content.metric_records[p.METRICS]
         if phase == "train":
-            entry.num_train_cases = int(metrics[p.NUM_EXAMPLES])  # type: ignore[arg-type]
-            entry.train_loss = float(metrics[p.TRAIN_LOSS])  # type: ignore[arg-type]
+            entry.num_train_cases = int(metrics.get(p.TRAIN_CASES, metrics[p.NUM_EXAMPLES]))  # type: ignore[arg-type]
             entry.train_steps = int(metrics[p.TRAIN_STEPS])  # type: ignore[arg-type]
+            privacy = msg.content.config_records.get(p.PRIVACY)
+            if privacy is not None and privacy.get(p.DP):
+                entry.epsilon = float(privacy[p.EPSILON])  # type: ignore[arg-type]
+                entry.delta = float(privacy[p.DELTA])  # type: ignore[arg-type]
+            if privacy is not None and privacy.get(p.REFUSED):
+                # An explicit, recorded refusal: the site's budget would be exceeded.
+                entry.refused = str(privacy.get(p.REASON, "refused"))
+                log.warning("site %s refused round %d: %s", entry.site, record.round,
+                            entry.refused)
+                continue
+            entry.train_loss = float(metrics[p.TRAIN_LOSS])  # type: ignore[arg-type]
         else:
             entry.num_val_cases = int(metrics[p.NUM_EXAMPLES])  # type: ignore[arg-type]
             entry.val_dice = float(metrics[p.VAL_DICE]) if entry.num_val_cases else None  # type: ignore[arg-type]
@@ -127,7 +137,7 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
     return ok
 
 
-def run_round(grid: Grid, strategy: FedAvg, config: RunConfig, state: FederationState
+def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: FederationState
               ) -> FederationState:
     """Run one round of training and evaluation and return the new state.
 
@@ -153,7 +163,7 @@ def run_round(grid: Grid, strategy: FedAvg, config: RunConfig, state: Federation
     wait_for_nodes(grid, max(config.min_available_nodes, config.min_train_nodes),
                    config.node_wait_timeout)
 
-    train_config = ConfigRecord({**config.model.to_config(), **config.plan(rnd).to_config()})
+    train_config = ConfigRecord(config.round_config(rnd))
     sent = list(strategy.configure_train(rnd, to_record(state.weights), train_config, grid))
     replies = grid.send_and_receive(sent, timeout=config.round_timeout)
     ok = _record_replies(record, sent, replies, "train")
@@ -178,7 +188,7 @@ def run_round(grid: Grid, strategy: FedAvg, config: RunConfig, state: Federation
 
 def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
                    folder: RunFolder, reporter: Reporter,
-                   strategy: FedAvg | None = None) -> FederationState:
+                   strategy: Strategy | None = None) -> FederationState:
     """Run all rounds, writing a checkpoint and the history after each one.
 
     Returns

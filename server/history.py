@@ -25,6 +25,9 @@ class SiteRound:
     train_steps: int | None = None
     num_val_cases: int | None = None
     val_dice: float | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    refused: str | None = None
     error: str | None = None
 
 
@@ -67,7 +70,7 @@ class RoundRecord:
 
 
 CSV_FIELDS = ["round", "site", "node_id", "num_train_cases", "train_loss", "train_steps",
-              "num_val_cases", "val_dice", "error"]
+              "num_val_cases", "val_dice", "epsilon", "delta", "refused", "error"]
 
 
 @dataclass

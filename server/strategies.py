@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
 from shared import protocol as p
 from shared.config import RunConfig
 
 
-def build_strategy(config: RunConfig) -> FedAvg:
+def build_strategy(config: RunConfig) -> Strategy:
+    """Return the aggregation strategy of ``config``, wrapped for central DP if asked.
+
+    With ``central-dp`` set, Flower's own fixed-clipping wrappers add client-level
+    DP: ``server-side`` clips every update on the server, ``client-side`` has each
+    site clip its own (``client.app.clip_update_mod``); both add Gaussian noise to
+    the aggregate.
+    """
+    base = build_base_strategy(config)
+    if config.central_dp == "off":
+        return base
+    wrapper = (DifferentialPrivacyServerSideFixedClipping if config.central_dp == "server-side"
+               else DifferentialPrivacyClientSideFixedClipping)
+    return wrapper(base, noise_multiplier=config.central_dp_noise_multiplier,
+                   clipping_norm=config.central_dp_clipping_norm,
+                   num_sampled_clients=config.min_train_nodes)
+
+
+def build_base_strategy(config: RunConfig) -> FedAvg:
     """Return FedAvg, FedProx or FedAdam configured from ``config``.
 
     Every strategy weights a site's update by its number of training cases and

@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from shared.errors import ConfigError
+from shared.privacy import Mechanism, PrivacyRequest, SitePrivacy
 
 RUN_CONFIG = "run config"
 NODE_CONFIG = "node config"
 ROUND_CONFIG = "round config from the server"
 
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
+CentralDP = Literal["off", "server-side", "client-side"]
+CENTRAL_DP: tuple[CentralDP, ...] = ("off", "server-side", "client-side")
 Network = Literal["unet", "basicunet", "segresnet"]
 Norm = Literal["instance", "group"]
 
@@ -330,6 +333,14 @@ class RunConfig:
         Local training settings sent to every site (see :class:`TrainPlan`).
     output_dir : Path
         Folder under which the run's checkpoints and metrics are written.
+    dp, dp_noise_multiplier, dp_max_grad_norm
+        The coordinator's request for sample-level DP-SGD at every site; a site
+        applies it only where it is stricter than the site's own settings.
+    central_dp : str
+        Client-level DP with Flower's fixed-clipping wrappers: ``off``,
+        ``server-side`` or ``client-side``.
+    central_dp_noise_multiplier, central_dp_clipping_norm
+        Settings of those wrappers.
     """
 
     num_server_rounds: int = 8
@@ -348,6 +359,12 @@ class RunConfig:
     learning_rate: float = 3e-3
     seed: int = 0
     output_dir: Path = Path("runs")
+    dp: bool = False
+    dp_noise_multiplier: float = 1.0
+    dp_max_grad_norm: float = 1.0
+    central_dp: CentralDP = "off"
+    central_dp_noise_multiplier: float = 0.1
+    central_dp_clipping_norm: float = 10.0
 
     def __post_init__(self) -> None:
         reader = _Reader({}, RUN_CONFIG, _RUN_FIX)
@@ -369,6 +386,20 @@ class RunConfig:
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             seed=self.seed,
         )
+
+    def privacy_request(self) -> PrivacyRequest:
+        """Return what the coordinator asks of every site's DP-SGD."""
+        return PrivacyRequest(self.dp, self.dp_noise_multiplier, self.dp_max_grad_norm)
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """Return everything a site needs for ``server_round``, as ConfigRecord values."""
+        return {
+            **self.model.to_config(),
+            **self.plan(server_round).to_config(),
+            **self.privacy_request().to_config(),
+            # Flower's central-DP wrappers require equal weights for every update.
+            "uniform-weights": self.central_dp != "off",
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly dictionary (for the metrics history)."""
@@ -421,6 +452,17 @@ class RunConfig:
             ),
             seed=r.get_int("seed", d.seed),
             output_dir=Path(r.get_str("output-dir", str(d.output_dir))),
+            dp=r.get_bool("dp", d.dp),
+            dp_noise_multiplier=r.get_float("dp-noise-multiplier", d.dp_noise_multiplier,
+                                            minimum=0.0),
+            dp_max_grad_norm=r.get_float("dp-max-grad-norm", d.dp_max_grad_norm, minimum=0.0,
+                                         exclusive_minimum=True),
+            central_dp=cast(CentralDP, r.get_choice("central-dp", CENTRAL_DP, d.central_dp)),
+            central_dp_noise_multiplier=r.get_float(
+                "central-dp-noise-multiplier", d.central_dp_noise_multiplier, minimum=0.0),
+            central_dp_clipping_norm=r.get_float(
+                "central-dp-clipping-norm", d.central_dp_clipping_norm, minimum=0.0,
+                exclusive_minimum=True),
         )
 
 
@@ -430,7 +472,9 @@ _RUN_KEYS = frozenset(
         "min-available-nodes", "min-train-nodes", "min-evaluate-nodes",
         "node-wait-timeout", "round-timeout", "network", "norm", "channels",
         "in-channels", "num-classes", "patch-size", "local-epochs", "local-steps",
-        "batch-size", "learning-rate", "seed", "output-dir",
+        "batch-size", "learning-rate", "seed", "output-dir", "dp", "dp-noise-multiplier",
+        "dp-max-grad-norm", "central-dp", "central-dp-noise-multiplier",
+        "central-dp-clipping-norm",
     }
 )
 
@@ -462,6 +506,9 @@ class SiteConfig:
         Mixed precision on CUDA.
     seed : int
         Site seed, mixed with the round number for local training.
+    privacy : SitePrivacy
+        The site's DP-SGD settings and budget (``dp-*`` keys); see
+        :mod:`shared.privacy`.
     """
 
     data_path: Path
@@ -473,6 +520,7 @@ class SiteConfig:
     num_threads: int = 0
     amp: bool = False
     seed: int = 0
+    privacy: SitePrivacy = field(default_factory=SitePrivacy)
 
     def __post_init__(self) -> None:
         if not self.site_name:
@@ -509,4 +557,18 @@ class SiteConfig:
             num_threads=r.get_int("num-threads", 0, minimum=0),
             amp=r.get_bool("amp", False),
             seed=r.get_int("seed", 0),
+            privacy=SitePrivacy(
+                enabled=r.get_bool("dp-enabled", False),
+                noise_multiplier=r.get_float("dp-noise-multiplier", 0.0, minimum=0.0),
+                max_grad_norm=r.get_float("dp-max-grad-norm", 1.0, minimum=0.0,
+                                          exclusive_minimum=True),
+                delta=r.get_float("dp-delta", 1e-5, minimum=0.0, maximum=1.0,
+                                  exclusive_minimum=True, exclusive_maximum=True),
+                max_epsilon=r.get_float("dp-max-epsilon", float("inf"), minimum=0.0,
+                                        exclusive_minimum=True) if "dp-max-epsilon" in values
+                else float("inf"),
+                target_epsilon=r.get_float("dp-target-epsilon", 0.0, minimum=0.0),
+                planned_rounds=r.get_int("dp-planned-rounds", 0, minimum=0),
+                accountant=cast(Mechanism, r.get_choice("dp-accountant", ("rdp", "prv"), "rdp")),
+            ),
         )

@@ -16,3 +16,11 @@ TRAIN_LOSS = "train-loss"
 TRAIN_STEPS = "train-steps"
 VAL_DICE = "val-dice"
 SITE_NAME = "site-name"
+TRAIN_CASES = "train-cases"     # training cases, also when num-examples is a uniform weight of 1
+
+PRIVACY = "privacy"        # ConfigRecord: a site's DP status after the round
+DP = "dp"                  # bool: the round was trained with DP-SGD
+EPSILON = "epsilon"        # cumulative epsilon of the site (0.0 without DP)
+DELTA = "delta"
+REFUSED = "refused"        # bool: the site declined to train this round
+REASON = "reason"          # why it declined
