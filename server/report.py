@@ -15,13 +15,18 @@ def format_round(record: RoundRecord, num_rounds: int) -> list[str]:
     lines = [f"round {record.round}/{num_rounds}: mean val Dice {_num(record.mean_val_dice)}"
              f"  mean train loss {_num(record.mean_train_loss)}{status}"]
     for s in record.sites:
+        privacy = "" if s.epsilon is None else f"  epsilon {s.epsilon:.2f} (delta {s.delta:g})"
         if s.error:
             lines.append(f"  {s.site:<14} FAILED {s.error}")
+            continue
+        if s.refused:
+            lines.append(f"  {s.site:<14} val Dice {_num(s.val_dice)}  REFUSED to train: "
+                         f"{s.refused}{privacy}")
             continue
         lines.append(
             f"  {s.site:<14} val Dice {_num(s.val_dice)} ({s.num_val_cases or 0} cases)"
             f"  train loss {_num(s.train_loss)} ({s.num_train_cases or 0} cases,"
-            f" {s.train_steps or 0} steps)"
+            f" {s.train_steps or 0} steps){privacy}"
         )
     return lines
 

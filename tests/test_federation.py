@@ -135,3 +135,45 @@ def test_waiting_for_sites_ends_with_a_clear_error() -> None:
 class _Silent:
     def round_finished(self, record: object, num_rounds: int) -> None:
         pass
+
+
+def test_server_side_central_dp_clips_each_update_exactly() -> None:
+    # Updates of norm 5 and 10 from a zero model, clipped to norm 1, noise 0, uniform weights.
+    grid = FakeGrid({
+        1: site("a", {"w": np.array([3.0, 4.0]), "b": np.zeros((1, 2))}, 1, 0.5),
+        2: site("b", {"w": np.array([0.0, 0.0]), "b": np.array([[6.0, 8.0]])}, 1, 0.5),
+    })
+    cfg = config(**{"central-dp": "server-side", "central-dp-noise-multiplier": 0.0,
+                    "central-dp-clipping-norm": 1.0})
+    assert cfg.round_config(1)["uniform-weights"] is True
+    state = run_round(grid, build_strategy(cfg), cfg,
+                      FederationState(0, initial(), MetricsHistory({})))
+    np.testing.assert_allclose(state.weights["w"], [0.3, 0.4])
+    np.testing.assert_allclose(state.weights["b"], [[0.3, 0.4]])
+
+
+def test_client_side_clipping_mod_clips_and_passes_refusals() -> None:
+    from flwr.app import Context
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from client.app import clip_update_mod
+
+    grid = FakeGrid({1: site("a", initial(), 1, 0.5)})
+    cfg = config(**{"min-available-nodes": 1, "min-train-nodes": 1, "min-evaluate-nodes": 1})
+    (msg,) = build_strategy(cfg).configure_train(
+        1, ArrayRecord({"w": Array(np.zeros(2))}),
+        ConfigRecord({KEY_CLIPPING_NORM: 1.0}), grid)  # type: ignore[arg-type]
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def trained(m: Message, c: Context) -> Message:
+        return Message(RecordDict({p.ARRAYS: ArrayRecord({"w": Array(np.array([3.0, 4.0]))}),
+                                   p.METRICS: MetricRecord({p.NUM_EXAMPLES: 1})}), reply_to=m)
+
+    def refused(m: Message, c: Context) -> Message:
+        return Message(RecordDict({p.METRICS: MetricRecord({p.NUM_EXAMPLES: 0}),
+                                   p.PRIVACY: ConfigRecord({p.REFUSED: True})}), reply_to=m)
+
+    out = clip_update_mod(msg, ctx, trained)
+    np.testing.assert_allclose(out.content.array_records[p.ARRAYS]["w"].numpy(), [0.6, 0.8])
+    passed = clip_update_mod(msg, ctx, refused)
+    assert not passed.has_error() and passed.content.config_records[p.PRIVACY][p.REFUSED]
