@@ -177,3 +177,32 @@ def test_client_side_clipping_mod_clips_and_passes_refusals() -> None:
     np.testing.assert_allclose(out.content.array_records[p.ARRAYS]["w"].numpy(), [0.6, 0.8])
     passed = clip_update_mod(msg, ctx, refused)
     assert not passed.has_error() and passed.content.config_records[p.PRIVACY][p.REFUSED]
+
+
+def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> None:
+    import tomllib
+
+    from flwr.app import Context
+
+    from server.app import make_server_app
+    from tests.conftest import REPO
+
+    run_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"]
+    run_config.update({"num-server-rounds": 1, "channels": "8,16", "patch-size": "16,16",
+                       "output-dir": str(tmp_path)})
+    app = make_server_app(reporter=_Silent())
+    names = None
+
+    def respond(msg: Message) -> Message:
+        nonlocal names
+        arrays = msg.content.array_records[p.ARRAYS]
+        names = list(arrays.keys())
+        return site("a", {k: v.numpy() for k, v in arrays.items()}, 1, 0.5)(msg)
+
+    context = Context(run_id=42, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=run_config)
+    app(FakeGrid({1: respond}), context)  # type: ignore[arg-type]
+    assert (tmp_path / "run-42" / "final_model.pt").is_file()
+    assert names and all(not n.startswith("_module") for n in names)
+    assert Checkpoint.load(tmp_path / "run-42" / "final_model.pt").spec.channels == (8, 16)
