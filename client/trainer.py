@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from client.privacy_ledger import PrivacyLedger
 from shared.config import ModelSpec, SiteConfig, TrainPlan
 from shared.data_contract import CaseRef, LoadedCase, discover_cases, load_case, split_cases
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.inference import predict_classes
 from shared.metrics import case_dice
 from shared.networks import build_network
@@ -154,9 +154,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(
-            "node config", f"device '{name}' was requested but CUDA is not available here",
-            "set device to 'cpu' or 'auto', or install a CUDA build of torch",
+        raise ConfigError(
+            "node config", "device", f"'{name}' was requested but CUDA is not available here",
+            "set it to 'cpu' or 'auto', or install a CUDA build of torch",
         )
     return torch.device(name)
 

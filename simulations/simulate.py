@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from server.history import RoundRecord
+from server.report import format_round
 from shared.config import RunConfig, SiteConfig
 from shared.data_contract import discover_cases, load_case, split_cases
 from shared.errors import DataError
@@ -155,7 +157,7 @@ def run_simulation(request: SimulationRequest,
     sites = [
         SiteConfig(data_path=folder, site_name=folder.name,
                    state_dir=run_dir / "site-state" / folder.name, num_threads=1,
-                   seed=i, device="cpu")
+                   seed=i, device="auto")
         for i, folder in enumerate(folders)
     ]
     echo(f"{len(sites)} sites, {config.num_server_rounds} rounds, strategy {config.strategy}, "
@@ -176,9 +178,7 @@ class _ConsoleReporter:
     def __init__(self, echo: Callable[[str], None]) -> None:
         self.echo = echo
 
-    def round_finished(self, record: Any, num_rounds: int) -> None:
-        from server.report import format_round
-
+    def round_finished(self, record: RoundRecord, num_rounds: int) -> None:
         for line in format_round(record, num_rounds):
             self.echo(line)
 
@@ -187,7 +187,9 @@ def _run_flower(config: RunConfig, sites: list[SiteConfig], run_dir: Path,
                 echo: Callable[[str], None]) -> None:
     # Ray and Flower print a lot at INFO; the per-round lines come from our reporter.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Keep GPUs visible to the site processes although each asks Ray for 0 GPUs.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Imported here: Ray and the apps load only after the data passed its preflight.
     from flwr.app import Context
     from flwr.simulation import run_simulation as flower_run_simulation
 
