@@ -20,12 +20,14 @@ from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader, Dataset
 
 from client.privacy_ledger import PrivacyLedger
+from client.site_state import load_local_layers, save_local_layers
 from shared.config import ModelSpec, SiteConfig, TrainPlan
 from shared.data_contract import CaseRef, LoadedCase, discover_cases, load_case, split_cases
 from shared.errors import ConfigError, DataError
 from shared.inference import predict_classes
 from shared.metrics import case_dice
 from shared.networks import build_network
+from shared.partition import local_parameter_names, split_weights
 from shared.privacy import PrivacySettings, calibrate_noise, sample_rate
 from shared.proximal import proximal_term
 from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
@@ -183,6 +185,13 @@ class SiteTrainer:
         self.data = data if data is not None else SiteData.load(site, spec)
         self.net = build_network(spec).to(self.device)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.local_names = local_parameter_names(self.net, spec.adaptation)
+        if self.local_names:
+            _, local = split_weights(state_to_numpy(self.net.state_dict()), self.local_names)
+            saved = load_local_layers(site.state_dir, spec.adaptation,
+                                      {k: tuple(v.shape) for k, v in local.items()})
+            if saved is not None:
+                self.net.load_state_dict(numpy_to_state(saved), strict=False)
 
     @property
     def num_train_cases(self) -> int:
@@ -190,13 +199,22 @@ class SiteTrainer:
         return len(self.data.train)
 
     def load_weights(self, weights: NDArrays) -> None:
-        """Load named weights into the network, refusing a mismatched model."""
-        check_compatible(self.net.state_dict(), weights, "weights from the server")
+        """Load the shared weights; the site-local layers keep their own values."""
+        shared_state, _ = split_weights(self.net.state_dict(), self.local_names)
+        check_compatible(shared_state, weights, "weights from the server")
         self.net.load_state_dict(numpy_to_state(weights), strict=False)
 
     def weights(self) -> NDArrays:
-        """Return the network's current floating-point weights."""
-        return state_to_numpy(self.net.state_dict())
+        """Return the shared weights: the only ones that may leave the site."""
+        return split_weights(state_to_numpy(self.net.state_dict()), self.local_names)[0]
+
+    def local_weights(self) -> NDArrays:
+        """Return the site-local weights (domain-adaptation layers)."""
+        return split_weights(state_to_numpy(self.net.state_dict()), self.local_names)[1]
+
+    def _save_local(self) -> None:
+        if self.local_names:
+            save_local_layers(self.site.state_dir, self.spec.adaptation, self.local_weights())
 
     def steps_for(self, plan: TrainPlan) -> int:
         """Return the number of optimiser steps ``plan`` asks for at this site."""
@@ -263,6 +281,7 @@ class SiteTrainer:
                 scaler.step(optimiser)
                 scaler.update()
                 losses.append(float(loss.detach()))
+        self._save_local()
         return TrainResult(
             weights=self.weights(),
             num_examples=self.num_train_cases,
@@ -326,6 +345,7 @@ class SiteTrainer:
                 dp_optimiser.step()
                 losses.append(float(loss.detach()))
         self.net.load_state_dict(net.state_dict())
+        self._save_local()
         epsilon = ledger.epsilon(privacy.delta, privacy.accountant, (noise, rate, taken))
         ledger.record((noise, rate, taken), plan.server_round, epsilon)
         return TrainResult(

@@ -13,6 +13,7 @@ from server.history import RoundRecord
 from server.report import format_round
 from shared.config import RunConfig
 from shared.networks import build_network, seed_everything
+from shared.partition import local_parameter_names, split_weights
 from shared.weights import NDArrays, state_to_numpy
 
 INFO = 20
@@ -28,9 +29,12 @@ class FlowerLogReporter:
 
 
 def initial_weights(config: RunConfig) -> NDArrays:
-    """Return the seeded initial global weights for ``config``'s model."""
+    """Return the seeded initial shared weights for ``config``'s model (no site-local layers)."""
     seed_everything(config.seed)
-    return state_to_numpy(build_network(config.model).state_dict())
+    net = build_network(config.model)
+    shared, _ = split_weights(state_to_numpy(net.state_dict()),
+                              local_parameter_names(net, config.model.adaptation))
+    return shared
 
 
 def make_server_app(config: RunConfig | None = None, run_dir: Path | None = None,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from shared.errors import ConfigError
+from shared.partition import ADAPTATIONS, Adaptation
 from shared.privacy import Mechanism, PrivacyRequest, SitePrivacy
 
 RUN_CONFIG = "run config"
@@ -166,6 +167,8 @@ class ModelSpec:
         Output classes including background (2 for a binary mask).
     patch_size : tuple of int
         Training patch and sliding-window size; its length sets 2D or 3D.
+    adaptation : str
+        Which layers stay at each site (see :mod:`shared.partition`).
     """
 
     network: Network = "unet"
@@ -174,6 +177,7 @@ class ModelSpec:
     in_channels: int = 1
     num_classes: int = 2
     patch_size: tuple[int, ...] = (64, 64)
+    adaptation: Adaptation = "none"
 
     def __post_init__(self) -> None:
         reader = _Reader({}, RUN_CONFIG, _RUN_FIX)
@@ -181,6 +185,8 @@ class ModelSpec:
             raise reader.error("network", f"must be one of {', '.join(NETWORKS)}")
         if self.norm not in NORMS:
             raise reader.error("norm", f"must be one of {', '.join(NORMS)}")
+        if self.adaptation not in ADAPTATIONS:
+            raise reader.error("adaptation", f"must be one of {', '.join(ADAPTATIONS)}")
         if len(self.patch_size) not in (2, 3):
             raise reader.error(
                 "patch-size", f"needs 2 (2D) or 3 (3D) values, got {_csv(self.patch_size)}"
@@ -234,6 +240,7 @@ class ModelSpec:
             "model-in-channels": self.in_channels,
             "model-num-classes": self.num_classes,
             "model-patch-size": _csv(self.patch_size),
+            "model-adaptation": self.adaptation,
         }
 
     @classmethod
@@ -247,6 +254,7 @@ class ModelSpec:
             in_channels=r.get_int("model-in-channels", _REQUIRED, minimum=1),
             num_classes=r.get_int("model-num-classes", _REQUIRED, minimum=2),
             patch_size=r.get_ints("model-patch-size", _REQUIRED),
+            adaptation=cast(Adaptation, r.get_choice("model-adaptation", ADAPTATIONS, "none")),
         )
 
 
@@ -426,6 +434,8 @@ class RunConfig:
             in_channels=r.get_int("in-channels", d.model.in_channels, minimum=1),
             num_classes=r.get_int("num-classes", d.model.num_classes, minimum=2),
             patch_size=r.get_ints("patch-size", _csv(d.model.patch_size)),
+            adaptation=cast(Adaptation, r.get_choice("adaptation", ADAPTATIONS,
+                                                     d.model.adaptation)),
         )
         return cls(
             num_server_rounds=r.get_int("num-server-rounds", d.num_server_rounds, minimum=1),
@@ -468,7 +478,7 @@ class RunConfig:
 
 _RUN_KEYS = frozenset(
     {
-        "num-server-rounds", "strategy", "proximal-mu", "server-learning-rate",
+        "num-server-rounds", "strategy", "adaptation", "proximal-mu", "server-learning-rate",
         "min-available-nodes", "min-train-nodes", "min-evaluate-nodes",
         "node-wait-timeout", "round-timeout", "network", "norm", "channels",
         "in-channels", "num-classes", "patch-size", "local-epochs", "local-steps",

@@ -12,6 +12,43 @@ from monai.networks.nets import BasicUNet, SegResNet, UNet
 from torch import nn
 
 from shared.config import ModelSpec
+from shared.partition import uses_adapter
+
+
+class InputAdapter(nn.Module):
+    """A per-site 1x1 convolution that harmonises intensities and colours.
+
+    It starts as the identity, so an adapted network begins exactly as the
+    shared one, and it learns each scanner's intensity/colour mapping locally.
+    """
+
+    def __init__(self, channels: int, spatial_dims: int) -> None:
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.mix = conv(channels, channels, kernel_size=1)
+        with torch.no_grad():
+            self.mix.weight.zero_()
+            for c in range(channels):
+                self.mix.weight[(c, c) + (0,) * spatial_dims] = 1.0
+            assert self.mix.bias is not None
+            self.mix.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the site's channel mixing."""
+        return self.mix(x)
+
+
+class AdaptedNetwork(nn.Module):
+    """The shared network behind a site-local :class:`InputAdapter`."""
+
+    def __init__(self, adapter: InputAdapter, backbone: nn.Module) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Harmonise the input, then segment it."""
+        return self.backbone(self.adapter(x))
 
 FORBIDDEN_NORMS: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
@@ -66,6 +103,8 @@ def build_network(spec: ModelSpec) -> nn.Module:
             init_filters=spec.channels[0],
             norm=norm,
         )
+    if uses_adapter(spec.adaptation):
+        net = AdaptedNetwork(InputAdapter(spec.in_channels, spec.spatial_dims), net)
     assert_no_batchnorm(net)
     return net
 
