@@ -110,6 +110,8 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.rng = rng
         self.foreground_prob = foreground_prob
         self.flip = flip
+        # Foreground voxel indices per case, found once instead of on every draw.
+        self._foreground: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -121,7 +123,9 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         starts = []
         centre: np.ndarray | None = None
         if self.rng.random() < self.foreground_prob:
-            fg = np.flatnonzero(label > 0)
+            if index not in self._foreground:
+                self._foreground[index] = np.flatnonzero(label > 0)
+            fg = self._foreground[index]
             if fg.size:
                 centre = np.array(np.unravel_index(int(self.rng.choice(fg)), spatial))
         for axis, (size, patch) in enumerate(zip(spatial, self.patch_size, strict=True)):

@@ -16,10 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from client.trainer import SiteData
 from server.history import RoundRecord
 from server.report import format_round
 from shared.config import RunConfig, SiteConfig
-from shared.data_contract import discover_cases, load_case, split_cases
+from shared.data_contract import discover_cases
 from shared.errors import DataError
 from shared.imaging import read_image
 
@@ -111,13 +112,9 @@ def preflight(sites: list[SiteConfig], config: RunConfig) -> list[str]:
     """
     lines = []
     for site in sites:
-        refs = discover_cases(site.data_path, site.patient_pattern)
-        train, val = split_cases(refs, site.val_fraction)
-        for ref in refs:
-            load_case(ref, config.model.in_channels, config.model.num_classes,
-                      config.model.spatial_dims)
-        lines.append(f"  {site.site_name:<14} {len(train):>3} train / {len(val):>3} val cases"
-                     f"  ({site.data_path})")
+        data = SiteData.load(site, config.model)
+        lines.append(f"  {site.site_name:<14} {len(data.train):>3} train / {len(data.val):>3} val "
+                     f"cases  ({site.data_path})")
     return lines
 
 
