@@ -55,6 +55,29 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_check(args: argparse.Namespace) -> int:
+    from client.site_check import check_site, format_reports
+    from simulations.simulate import infer_data_settings
+
+    guessed = infer_data_settings(args.data)
+    dims = args.dims or len(str(guessed["patch-size"]).split(","))
+    reports = check_site(args.data, args.in_channels or int(guessed["in-channels"]),
+                         args.num_classes, dims, args.val_fraction, args.patient_pattern)
+    for line in format_reports(reports):
+        print(line)
+    return 1 if any(r.problem for r in reports) else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from client.predict import predict_folder
+
+    written = predict_folder(args.model, args.input, args.output, args.site_state, args.device)
+    for item in written:
+        print(f"{item.image} -> {item.mask}")
+    print(f"{len(written)} masks written to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``fedseg`` command."""
     parser = argparse.ArgumentParser(
@@ -81,6 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-config", action="append", default=None, metavar="'KEY=VALUE ...'",
                      help="run-config overrides, same syntax as flwr run --run-config")
     sim.set_defaults(func=_simulate)
+
+    site = verbs.add_parser("site", help="site-side tools for hospital IT")
+    site_verbs = site.add_subparsers(dest="site_verb", required=True)
+    check = site_verbs.add_parser(
+        "check", help="read every case through the data contract; nothing leaves this machine",
+        description="Prints one line per case (patient, split, shape, spacing, label values, "
+                    "problem) and exits 1 if any case has a problem.")
+    check.add_argument("--data", type=Path, required=True, help="the site's data folder")
+    check.add_argument("--in-channels", type=int, default=0,
+                       help="channels the model expects (default: as the images are)")
+    check.add_argument("--num-classes", type=int, default=2)
+    check.add_argument("--dims", type=int, choices=(2, 3), default=0,
+                       help="2D or 3D (default: from the first image)")
+    check.add_argument("--val-fraction", type=float, default=0.2)
+    check.add_argument("--patient-pattern", default="",
+                       help="regex whose first group is the patient id of a case name")
+    check.set_defaults(func=_site_check)
+
+    pred = verbs.add_parser(
+        "predict", help="segment new images with a global model and this site's own layers")
+    pred.add_argument("--model", type=Path, required=True, help="final_model.pt of a run")
+    pred.add_argument("--site-state", type=Path, default=None,
+                      help="the site's state folder (needed when the run used adaptation)")
+    pred.add_argument("--input", type=Path, required=True, help="folder of images")
+    pred.add_argument("--output", type=Path, required=True, help="folder for the masks")
+    pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pred.set_defaults(func=_predict)
     return parser
 
 

@@ -1,0 +1,68 @@
+"""``fedseg site check``: what hospital IT runs before joining a federation.
+
+Reads every case through the same data contract the trainer uses and reports
+what it found, without sending anything anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.data_contract import discover_cases, load_case, split_cases
+from shared.errors import DataError
+from shared.imaging import read_image
+
+
+@dataclass(frozen=True)
+class CaseReport:
+    """One case as the trainer would see it, or the problem that stops it."""
+
+    case_id: str
+    patient_id: str
+    split: str
+    shape: str
+    spacing: str
+    label_values: str
+    problem: str = ""
+
+
+def check_site(data: Path, in_channels: int, num_classes: int, spatial_dims: int,
+               val_fraction: float = 0.2, patient_pattern: str = "") -> list[CaseReport]:
+    """Return one report per case; folder-level problems raise :class:`DataError`."""
+    refs = discover_cases(data, patient_pattern)
+    try:
+        _, val = split_cases(refs, val_fraction)
+        val_ids = {r.case_id for r in val}
+    except DataError:
+        val_ids = set()
+    reports = []
+    for ref in refs:
+        split = "val" if ref.case_id in val_ids else "train"
+        try:
+            raw = read_image(ref.label)
+            values = np.unique(np.asarray(raw.array))
+            label_values = ",".join(str(v) for v in values[:6]) + ("…" if values.size > 6 else "")
+            case = load_case(ref, in_channels, num_classes, spatial_dims)
+            spacing = "x".join(f"{s:g}" for s in case.source.spacing)
+            shape = "x".join(str(s) for s in case.image.shape[1:])
+            reports.append(CaseReport(ref.case_id, ref.patient_id, split, shape, spacing,
+                                      label_values))
+        except DataError as exc:
+            reports.append(CaseReport(ref.case_id, ref.patient_id, split, "-", "-", "-",
+                                      str(exc)))
+    return reports
+
+
+def format_reports(reports: list[CaseReport]) -> list[str]:
+    """Return the table lines and a closing summary line."""
+    lines = [f"{'case':<24} {'patient':<20} {'split':<5} {'shape':<14} {'spacing':<16} "
+             f"{'label values':<14} problem"]
+    for r in reports:
+        lines.append(f"{r.case_id:<24} {r.patient_id:<20} {r.split:<5} {r.shape:<14} "
+                     f"{r.spacing:<16} {r.label_values:<14} {r.problem or 'ok'}")
+    bad = sum(1 for r in reports if r.problem)
+    lines.append(f"{len(reports)} cases, {bad} with problems")
+    return lines
