@@ -10,8 +10,9 @@ every round, so the loop is written out here around the strategy's own
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +21,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from server.history import MetricsHistory, RoundRecord
+from server.history import MetricsHistory, RoundRecord, SiteRound
 from server.strategies import build_strategy
 from shared import protocol as p
 from shared.checkpoint import Checkpoint
@@ -95,9 +96,46 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float,
         sleep(1.0)
 
 
+def _number(record: Mapping[str, object], key: str) -> float:
+    """Return ``record[key]`` as a finite number, or raise ``ValueError`` naming the key."""
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"'{key}' is {value!r}, expected a finite number")
+    return float(value)
+
+
+def _read_reply(entry: SiteRound, msg: Message, phase: str) -> bool:
+    """Copy a site's numbers into ``entry``; return whether its update may be aggregated."""
+    metrics = msg.content.metric_records[p.METRICS]
+    if phase != "train":
+        entry.num_val_cases = int(_number(metrics, p.NUM_EXAMPLES))
+        entry.val_dice = _number(metrics, p.VAL_DICE) if entry.num_val_cases else None
+        return True
+    cases_key = p.TRAIN_CASES if p.TRAIN_CASES in metrics else p.NUM_EXAMPLES
+    entry.num_train_cases = int(_number(metrics, cases_key))
+    entry.train_steps = int(_number(metrics, p.TRAIN_STEPS))
+    privacy = msg.content.config_records.get(p.PRIVACY)
+    if privacy is not None and privacy.get(p.DP):
+        entry.epsilon = _number(privacy, p.EPSILON)
+        entry.delta = _number(privacy, p.DELTA)
+    if privacy is not None and privacy.get(p.REFUSED):
+        # An explicit, recorded refusal: the site's budget would be exceeded.
+        entry.refused = str(privacy.get(p.REASON, "refused"))
+        log.warning("site %s refused to train: %s", entry.site, entry.refused)
+        return False
+    if p.ARRAYS not in msg.content.array_records:
+        raise ValueError("no weights in a train reply")
+    entry.train_loss = _number(metrics, p.TRAIN_LOSS)
+    return True
+
+
 def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[Message],
                     phase: str) -> list[Message]:
-    """Store each site's reply in ``record``; return the replies without errors."""
+    """Store each site's reply in ``record``; return the replies fit for aggregation.
+
+    A reply with an error, a refusal or malformed content is recorded against its
+    site and left out, so one bad site never stops the round for the others.
+    """
     ok: list[Message] = []
     answered: set[int] = set()
     for msg in replies:
@@ -111,25 +149,14 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
         tag = msg.content.config_records.get(p.SITE)
         name = str(tag[p.SITE_NAME]) if tag is not None and p.SITE_NAME in tag else ""
         entry = record.site(node, name)
-        metrics = msg.content.metric_records[p.METRICS]
-        if phase == "train":
-            entry.num_train_cases = int(metrics.get(p.TRAIN_CASES, metrics[p.NUM_EXAMPLES]))  # type: ignore[arg-type]
-            entry.train_steps = int(metrics[p.TRAIN_STEPS])  # type: ignore[arg-type]
-            privacy = msg.content.config_records.get(p.PRIVACY)
-            if privacy is not None and privacy.get(p.DP):
-                entry.epsilon = float(privacy[p.EPSILON])  # type: ignore[arg-type]
-                entry.delta = float(privacy[p.DELTA])  # type: ignore[arg-type]
-            if privacy is not None and privacy.get(p.REFUSED):
-                # An explicit, recorded refusal: the site's budget would be exceeded.
-                entry.refused = str(privacy.get(p.REASON, "refused"))
-                log.warning("site %s refused round %d: %s", entry.site, record.round,
-                            entry.refused)
-                continue
-            entry.train_loss = float(metrics[p.TRAIN_LOSS])  # type: ignore[arg-type]
-        else:
-            entry.num_val_cases = int(metrics[p.NUM_EXAMPLES])  # type: ignore[arg-type]
-            entry.val_dice = float(metrics[p.VAL_DICE]) if entry.num_val_cases else None  # type: ignore[arg-type]
-        ok.append(msg)
+        try:
+            usable = _read_reply(entry, msg, phase)
+        except (KeyError, ValueError) as exc:
+            entry.error = f"{phase}: malformed reply ({exc})"
+            log.warning("site %s sent a malformed %s reply: %s", entry.site, phase, exc)
+            continue
+        if usable:
+            ok.append(msg)
     for msg in sent:
         if msg.metadata.dst_node_id not in answered:
             entry = record.site(msg.metadata.dst_node_id, "")

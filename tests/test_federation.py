@@ -206,3 +206,20 @@ def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> N
     assert (tmp_path / "run-42" / "final_model.pt").is_file()
     assert names and all(not n.startswith("_module") for n in names)
     assert Checkpoint.load(tmp_path / "run-42" / "final_model.pt").spec.channels == (8, 16)
+
+
+def test_malformed_reply_is_recorded_and_left_out() -> None:
+    def bad_loss(msg: Message) -> Message:
+        reply = site("b", {"w": np.full(2, 100.0), "b": np.ones((1, 2))}, 5, 0.5)(msg)
+        if msg.metadata.message_type == "train":
+            reply.content.metric_records[p.METRICS][p.TRAIN_LOSS] = float("nan")
+        return reply
+
+    grid = FakeGrid({1: site("a", {"w": np.array([2.0, 2.0]), "b": np.ones((1, 2))}, 2, 0.7),
+                     2: bad_loss})
+    cfg = config(**{"min-train-nodes": 1})
+    state = run_round(grid, build_strategy(cfg), cfg,
+                      FederationState(0, initial(), MetricsHistory({})))
+    np.testing.assert_array_equal(state.weights["w"], [2.0, 2.0])  # b's update left out
+    errors = {s.site: s.error for s in state.history.rounds[0].sites}
+    assert errors["a"] is None and "train-loss" in str(errors["b"])
