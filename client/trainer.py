@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -31,6 +31,8 @@ from shared.partition import local_parameter_names, split_weights
 from shared.privacy import PrivacySettings, calibrate_noise, sample_rate
 from shared.proximal import proximal_term
 from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -260,31 +262,27 @@ class SiteTrainer:
         use_amp = self.site.amp and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.net.train()
-        total_steps = self.steps_for(plan)
         losses: list[float] = []
-        while len(losses) < total_steps:
-            for images, labels in loader:
-                if len(losses) >= total_steps:
-                    break
-                images = images.to(self.device)
-                labels = labels.to(self.device)
-                optimiser.zero_grad(set_to_none=True)
-                autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp
-                            else nullcontext())
-                with autocast:
-                    loss = self.loss_fn(self.net(images), labels)
-                if plan.proximal_mu > 0:
-                    loss = loss + plan.proximal_mu / 2 * proximal_term(
-                        self.net.named_parameters(), anchor)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"site {self.site.site_name}: training loss became {loss.item()} in "
-                        f"round {plan.server_round}; lower learning-rate in the run config"
-                    )
-                scaler.scale(loss).backward()
-                scaler.step(optimiser)
-                scaler.update()
-                losses.append(float(loss.detach()))
+        for images, labels in _batches(loader, self.steps_for(plan)):
+            images = images.to(self.device)
+            labels = labels.to(self.device)
+            optimiser.zero_grad(set_to_none=True)
+            autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp
+                        else nullcontext())
+            with autocast:
+                loss = self.loss_fn(self.net(images), labels)
+            if plan.proximal_mu > 0:
+                loss = loss + plan.proximal_mu / 2 * proximal_term(
+                    self.net.named_parameters(), anchor)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"site {self.site.site_name}: training loss became {loss.item()} in "
+                    f"round {plan.server_round}; lower learning-rate in the run config"
+                )
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            losses.append(float(loss.detach()))
         self._save_local()
         return TrainResult(
             weights=self.weights(),
@@ -292,10 +290,6 @@ class SiteTrainer:
             train_loss=float(np.mean(losses)),
             steps=len(losses),
         )
-
-    def privacy_spent(self, privacy: PrivacySettings) -> float:
-        """Return the site's cumulative epsilon at ``privacy.delta`` from its ledger."""
-        return PrivacyLedger.load(self.site.state_dir).epsilon(privacy.delta, privacy.accountant)
 
     def _train_private(self, loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
                        plan: TrainPlan, privacy: PrivacySettings) -> TrainResult:
@@ -336,18 +330,15 @@ class SiteTrainer:
                 max_grad_norm=privacy.max_grad_norm, poisson_sampling=True)
         losses: list[float] = []
         taken = 0
-        while taken < steps:
-            for images, labels in dp_loader:
-                if taken >= steps:
-                    break
-                taken += 1  # an empty Poisson batch is still a sampling step to account for
-                if images.shape[0] == 0:
-                    continue
-                dp_optimiser.zero_grad(set_to_none=True)
-                loss = self.loss_fn(dp_net(images.to(self.device)), labels.to(self.device))
-                loss.backward()
-                dp_optimiser.step()
-                losses.append(float(loss.detach()))
+        for images, labels in _batches(dp_loader, steps):
+            taken += 1  # an empty Poisson batch is still a sampling step to account for
+            if images.shape[0] == 0:
+                continue
+            dp_optimiser.zero_grad(set_to_none=True)
+            loss = self.loss_fn(dp_net(images.to(self.device)), labels.to(self.device))
+            loss.backward()
+            dp_optimiser.step()
+            losses.append(float(loss.detach()))
         self.net.load_state_dict(net.state_dict())
         self._save_local()
         epsilon = ledger.epsilon(privacy.delta, privacy.accountant, (noise, rate, taken))
@@ -372,6 +363,17 @@ class SiteTrainer:
         """Return the class map of one channel-first, normalised image."""
         self.load_weights(weights)
         return predict_classes(self.net, image, self.spec.patch_size, self.device)
+
+
+def _batches(loader: Iterable[Batch], steps: int) -> Iterator[Batch]:
+    """Yield exactly ``steps`` batches, passing over ``loader`` as often as needed."""
+    taken = 0
+    while taken < steps:
+        for batch in loader:
+            if taken == steps:
+                return
+            taken += 1
+            yield batch
 
 
 def _mix_seed(*parts: int) -> int:

@@ -57,12 +57,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _site_check(args: argparse.Namespace) -> int:
     from client.site_check import check_site, format_reports
-    from simulations.simulate import infer_data_settings
+    from simulations.simulate import probe_layout
 
-    guessed = infer_data_settings(args.data)
-    dims = args.dims or len(str(guessed["patch-size"]).split(","))
-    reports = check_site(args.data, args.in_channels or int(guessed["in-channels"]),
-                         args.num_classes, dims, args.val_fraction, args.patient_pattern)
+    dims, channels = probe_layout(args.data)
+    reports = check_site(args.data, args.in_channels or channels, args.num_classes,
+                         args.dims or dims, args.val_fraction, args.patient_pattern)
     for line in format_reports(reports):
         print(line)
     return 1 if any(r.problem for r in reports) else 0

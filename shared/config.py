@@ -304,14 +304,16 @@ class TrainPlan:
     def from_config(cls, values: Mapping[str, Any], source: str = ROUND_CONFIG) -> TrainPlan:
         """Parse the keys written by :meth:`to_config` (FedProx adds ``proximal-mu``)."""
         r = _Reader(values, source, "the server and the site must run the same fedseg version")
+        d = cls()
         return cls(
-            server_round=r.get_int("server-round", 1, minimum=0),
-            local_epochs=r.get_int("local-epochs", 1, minimum=1),
-            local_steps=r.get_int("local-steps", 0, minimum=0),
-            batch_size=r.get_int("batch-size", 8, minimum=1),
-            learning_rate=r.get_float("learning-rate", 3e-3, minimum=0.0, exclusive_minimum=True),
-            proximal_mu=r.get_float("proximal-mu", 0.0, minimum=0.0),
-            seed=r.get_int("seed", 0),
+            server_round=r.get_int("server-round", d.server_round, minimum=0),
+            local_epochs=r.get_int("local-epochs", d.local_epochs, minimum=1),
+            local_steps=r.get_int("local-steps", d.local_steps, minimum=0),
+            batch_size=r.get_int("batch-size", d.batch_size, minimum=1),
+            learning_rate=r.get_float("learning-rate", d.learning_rate, minimum=0.0,
+                                      exclusive_minimum=True),
+            proximal_mu=r.get_float("proximal-mu", d.proximal_mu, minimum=0.0),
+            seed=r.get_int("seed", d.seed),
         )
 
 

@@ -119,14 +119,6 @@ def assert_no_batchnorm(net: nn.Module) -> None:
             )
 
 
-def count_parameters(net: nn.Module) -> int:
-    """Return the number of trainable parameters."""
-    return sum(p.numel() for p in net.parameters() if p.requires_grad)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed PyTorch's global generator and return a dedicated one."""
+def seed_everything(seed: int) -> None:
+    """Seed PyTorch's global generator (initial weights are then reproducible)."""
     torch.manual_seed(seed)
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen

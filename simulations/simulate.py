@@ -76,10 +76,9 @@ def find_site_folders(data: Path) -> list[Path]:
     return sites
 
 
-def infer_data_settings(site: Path) -> dict[str, Any]:
-    """Read one image of ``site`` to choose ``in-channels`` and 2D or 3D presets."""
-    refs = discover_cases(site)
-    image = read_image(refs[0].image)
+def probe_layout(site: Path) -> tuple[int, int]:
+    """Return (spatial dimensions, channels) of the first image of ``site``."""
+    image = read_image(discover_cases(site)[0].image)
     spatial = image.array.ndim
     channels = 1
     if image.fmt == "nifti":
@@ -87,6 +86,12 @@ def infer_data_settings(site: Path) -> dict[str, Any]:
             spatial, channels = 3, image.array.shape[-1]
     elif spatial == 3:
         spatial, channels = 2, min(image.array.shape[-1], 3)
+    return spatial, channels
+
+
+def infer_data_settings(site: Path) -> dict[str, Any]:
+    """Choose ``in-channels`` and the 2D or 3D presets from one image of ``site``."""
+    spatial, channels = probe_layout(site)
     preset = dict(REAL_3D if spatial == 3 else REAL_2D)
     preset["in-channels"] = channels
     return preset
