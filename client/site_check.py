@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.config import SiteConfig
 from shared.data_contract import discover_cases, load_case, split_cases
-from shared.errors import DataError
+from shared.errors import DataError, FedsegError
 from shared.imaging import read_image
 
 
@@ -66,3 +67,24 @@ def format_reports(reports: list[CaseReport]) -> list[str]:
     bad = sum(1 for r in reports if r.problem)
     lines.append(f"{len(reports)} cases, {bad} with problems")
     return lines
+
+
+def read_site_config(path: Path) -> SiteConfig:
+    """Parse a SuperNode node-config TOML file exactly as ``flower-supernode`` reads it."""
+    from flwr.common.config import parse_config_args
+
+    if path.suffix != ".toml":
+        raise DataError(path, "the node config must be a .toml file",
+                        "flower-supernode only reads --node-config files ending in .toml")
+    if not path.is_file():
+        raise DataError(path, "node config not found",
+                        "copy deploy/config/site.example.toml there and edit it")
+    try:
+        values = parse_config_args([str(path)])
+    except Exception as exc:  # tomli's decode errors carry the line and column
+        raise DataError(path, f"not valid TOML ({exc})",
+                        "write one 'key = value' per line, strings in quotes") from None
+    try:
+        return SiteConfig.from_node_config(values)
+    except FedsegError as exc:
+        raise FedsegError(f"{path}: {exc}") from None

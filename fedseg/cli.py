@@ -56,15 +56,46 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _site_check(args: argparse.Namespace) -> int:
-    from client.site_check import check_site, format_reports
+    from client.site_check import check_site, format_reports, read_site_config
     from simulations.simulate import probe_layout
 
-    dims, channels = probe_layout(args.data)
-    reports = check_site(args.data, args.in_channels or channels, args.num_classes,
-                         args.dims or dims, args.val_fraction, args.patient_pattern)
+    data, val_fraction, pattern = args.data, args.val_fraction, args.patient_pattern
+    if args.config is not None:
+        # The daemon's own node config: check exactly what the SuperNode will use.
+        site = read_site_config(args.config)
+        data, val_fraction, pattern = site.data_path, site.val_fraction, site.patient_pattern
+        print(f"site '{site.site_name}': data {data}, state {site.state_dir}, "
+              f"device {site.device}, DP-SGD {'on' if site.privacy.enabled else 'off'}")
+    if data is None:
+        raise FedsegError("fedseg site check: give --data DIR or --config SITE.toml")
+    dims, channels = probe_layout(data)
+    reports = check_site(data, args.in_channels or channels, args.num_classes,
+                         args.dims or dims, val_fraction, pattern)
     for line in format_reports(reports):
         print(line)
     return 1 if any(r.problem for r in reports) else 0
+
+
+def _site_keygen(args: argparse.Namespace) -> int:
+    from shared.credentials import write_node_key
+
+    key = write_node_key(args.out, args.name, args.force)
+    print(f"private key {key.private_key}  (keep it on this machine; mode 0600)")
+    print(f"public key  {key.public_key}  (send this file to the coordinator)")
+    print(f"fingerprint {key.fingerprint}  (read it to the coordinator by phone to confirm)")
+    return 0
+
+
+def _coordinator_certs(args: argparse.Namespace) -> int:
+    from shared.credentials import write_coordinator_credentials
+
+    made = write_coordinator_credentials(args.out, tuple(args.host), args.days, args.force)
+    print(f"CA certificate        {made.ca_cert}  (give to every site and to flwr CLI users)")
+    print(f"CA key                {made.ca_key}  (keep offline; mode 0600)")
+    print(f"SuperLink certificate {made.server_cert}  (names: {', '.join(made.hosts)})")
+    print(f"SuperLink key         {made.server_key}  (mode 0600)")
+    print(f"valid until           {made.not_after:%Y-%m-%d}")
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -110,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="read every case through the data contract; nothing leaves this machine",
         description="Prints one line per case (patient, split, shape, spacing, label values, "
                     "problem) and exits 1 if any case has a problem.")
-    check.add_argument("--data", type=Path, required=True, help="the site's data folder")
+    source = check.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="the site's data folder")
+    source.add_argument("--config", type=Path,
+                        help="the SuperNode's node-config TOML (e.g. /etc/fedseg/site.toml): "
+                             "validates it and checks its data-path")
     check.add_argument("--in-channels", type=int, default=0,
                        help="channels the model expects (default: as the images are)")
     check.add_argument("--num-classes", type=int, default=2)
@@ -120,6 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--patient-pattern", default="",
                        help="regex whose first group is the patient id of a case name")
     check.set_defaults(func=_site_check)
+    keygen = site_verbs.add_parser(
+        "keygen", help="make this hospital's SuperNode authentication key pair",
+        description="Writes NAME.key (private, stays here) and NAME.pub (send it to the "
+                    "coordinator, who registers it with 'flwr supernode register').")
+    keygen.add_argument("--out", type=Path, required=True, help="folder for the key pair")
+    keygen.add_argument("--name", required=True, help="this site's name, e.g. hospital-a")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
+    keygen.set_defaults(func=_site_keygen)
+
+    coord = verbs.add_parser("coordinator", help="coordinator-side tools")
+    coord_verbs = coord.add_subparsers(dest="coordinator_verb", required=True)
+    certs = coord_verbs.add_parser(
+        "certs", help="make the federation's private CA and the SuperLink's TLS certificate",
+        description="Writes ca.crt, ca.key, superlink.crt and superlink.key. Every --host "
+                    "goes into the certificate's subject alternative names.")
+    certs.add_argument("--out", type=Path, required=True, help="folder for the four files")
+    certs.add_argument("--host", action="append", default=[], required=True,
+                       help="DNS name or IP address sites use to reach the SuperLink "
+                            "(repeat for each)")
+    certs.add_argument("--days", type=int, default=825, help="validity (default 825 days)")
+    certs.add_argument("--force", action="store_true",
+                       help="replace existing files (every site then needs the new ca.crt)")
+    certs.set_defaults(func=_coordinator_certs)
 
     pred = verbs.add_parser(
         "predict", help="segment new images with a global model and this site's own layers")

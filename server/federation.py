@@ -130,7 +130,7 @@ def _read_reply(entry: SiteRound, msg: Message, phase: str) -> bool:
 
 
 def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[Message],
-                    phase: str) -> list[Message]:
+                    phase: str, known: Mapping[int, str]) -> list[Message]:
     """Store each site's reply in ``record``; return the replies fit for aggregation.
 
     A reply with an error, a refusal or malformed content is recorded against its
@@ -138,11 +138,15 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
     """
     ok: list[Message] = []
     answered: set[int] = set()
+    # The SuperLink answers for a node that stopped heartbeating, so the error's
+    # source is the SuperLink; the message it replies to names the site.
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent
+              if m.metadata.message_id}
     for msg in replies:
-        node = msg.metadata.src_node_id
+        node = dst_of.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
         answered.add(node)
         if msg.has_error():
-            entry = record.site(node, "")
+            entry = record.site(node, known.get(node, ""))
             entry.error = f"{phase}: {msg.error.reason}"
             log.warning("site node-%s failed in %s: %s", node, phase, msg.error.reason)
             continue
@@ -159,7 +163,7 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
             ok.append(msg)
     for msg in sent:
         if msg.metadata.dst_node_id not in answered:
-            entry = record.site(msg.metadata.dst_node_id, "")
+            entry = record.site(msg.metadata.dst_node_id, known.get(msg.metadata.dst_node_id, ""))
             entry.error = f"{phase}: no reply within round-timeout"
     return ok
 
@@ -191,9 +195,12 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
                    config.node_wait_timeout)
 
     train_config = ConfigRecord(config.round_config(rnd))
+    started = time.monotonic()
     sent = list(strategy.configure_train(rnd, to_record(state.weights), train_config, grid))
     replies = grid.send_and_receive(sent, timeout=config.round_timeout)
-    ok = _record_replies(record, sent, replies, "train")
+    record.train_seconds = time.monotonic() - started
+    known = state.history.site_names()
+    ok = _record_replies(record, sent, replies, "train", known)
     weights = state.weights
     if len(ok) >= config.min_train_nodes:
         arrays, _ = strategy.aggregate_train(rnd, ok)
@@ -205,9 +212,11 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
                     "previous global model", rnd, len(ok), config.min_train_nodes)
 
     eval_config = ConfigRecord({**config.model.to_config(), "server-round": rnd})
+    started = time.monotonic()
     sent = list(strategy.configure_evaluate(rnd, to_record(weights), eval_config, grid))
     replies = grid.send_and_receive(sent, timeout=config.round_timeout)
-    _record_replies(record, sent, replies, "evaluate")
+    record.evaluate_seconds = time.monotonic() - started
+    _record_replies(record, sent, replies, "evaluate", known)
     record.finalise()
     state.history.rounds.append(record)
     return FederationState(server_round=rnd, weights=weights, history=state.history)

@@ -40,6 +40,9 @@ class RoundRecord:
     mean_val_dice: float | None = None
     mean_train_loss: float | None = None
     aggregated: bool = False
+    # Wall-clock seconds of each phase, each bounded by round-timeout.
+    train_seconds: float | None = None
+    evaluate_seconds: float | None = None
 
     def site(self, node_id: int, name: str) -> SiteRound:
         """Return the entry of ``node_id``, adding it on first use."""
@@ -79,6 +82,11 @@ class MetricsHistory:
 
     run_config: dict[str, Any]
     rounds: list[RoundRecord] = field(default_factory=list)
+
+    def site_names(self) -> dict[int, str]:
+        """Return the name each node reported in earlier rounds, for naming a silent node."""
+        return {s.node_id: s.site for r in self.rounds for s in r.sites
+                if s.site != f"node-{s.node_id}"}
 
     def to_json(self) -> str:
         """Return the history as JSON (NaN written as ``null``)."""

@@ -12,8 +12,11 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
 def format_round(record: RoundRecord, num_rounds: int) -> list[str]:
     """Return one header line and one line per site for a finished round."""
     status = "" if record.aggregated else "  (not aggregated: too few sites replied)"
+    took = ""
+    if record.train_seconds is not None and record.evaluate_seconds is not None:
+        took = f"  ({record.train_seconds + record.evaluate_seconds:.0f} s)"
     lines = [f"round {record.round}/{num_rounds}: mean val Dice {_num(record.mean_val_dice)}"
-             f"  mean train loss {_num(record.mean_train_loss)}{status}"]
+             f"  mean train loss {_num(record.mean_train_loss)}{took}{status}"]
     for s in record.sites:
         privacy = "" if s.epsilon is None else f"  epsilon {s.epsilon:.2f} (delta {s.delta:g})"
         if s.error:

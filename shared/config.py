@@ -554,7 +554,12 @@ class SiteConfig:
 
     @classmethod
     def from_node_config(cls, values: Mapping[str, Any]) -> SiteConfig:
-        """Parse and validate a SuperNode's node config."""
+        """Parse and validate a SuperNode's node config; a misspelt key is an error."""
+        unknown = sorted(set(values) - _NODE_KEYS - _FLOWER_NODE_KEYS)
+        if unknown:
+            # A typo such as 'dp-enabeld' must not silently train without privacy.
+            raise ConfigError(NODE_CONFIG, unknown[0], "is not a fedseg site setting",
+                              f"remove it or use one of: {', '.join(sorted(_NODE_KEYS))}")
         r = _Reader(values, NODE_CONFIG, _NODE_FIX)
         data_path = Path(r.get_str("data-path", _REQUIRED)).expanduser()
         state = r.get_str("state-dir", "")
@@ -584,3 +589,14 @@ class SiteConfig:
                 accountant=cast(Mechanism, r.get_choice("dp-accountant", ("rdp", "prv"), "rdp")),
             ),
         )
+
+
+_NODE_KEYS = frozenset(
+    {
+        "data-path", "site-name", "state-dir", "device", "val-fraction", "patient-pattern",
+        "num-threads", "amp", "seed", "dp-enabled", "dp-noise-multiplier", "dp-max-grad-norm",
+        "dp-delta", "dp-max-epsilon", "dp-target-epsilon", "dp-planned-rounds", "dp-accountant",
+    }
+)
+# Keys Flower itself puts into a node config (simulation engine).
+_FLOWER_NODE_KEYS = frozenset({"partition-id", "num-partitions"})

@@ -48,6 +48,8 @@ class FakeGrid:
                          timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
+            # Flower's Grid gives each pushed message its id in place, as here.
+            msg.metadata.__dict__["_message_id"] = msg.object_id
             self.sent.append(msg)
             reply = self.responders[msg.metadata.dst_node_id](msg)
             if reply is not None:

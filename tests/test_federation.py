@@ -115,6 +115,30 @@ def test_failed_and_silent_sites_are_recorded_and_excluded() -> None:
     assert "no reply" in str(errors[3])
 
 
+def test_superlink_error_for_a_dead_site_is_recorded_under_that_site() -> None:
+    alive = True
+
+    def mortal(msg: Message) -> Message | None:
+        if alive:
+            return site("c", {"w": np.ones(2), "b": np.ones((1, 2))}, 1, 0.5)(msg)
+        # The SuperLink, not the site, answers once the site misses its heartbeats.
+        reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = 1
+        return reply
+
+    grid = FakeGrid({7: site("a", {"w": np.ones(2), "b": np.ones((1, 2))}, 1, 0.5),
+                     9: mortal})
+    cfg = config(**{"min-train-nodes": 1, "min-evaluate-nodes": 1})
+    strategy = build_strategy(cfg)
+    state = run_round(grid, strategy, cfg, FederationState(0, initial(), MetricsHistory({})))
+    alive = False
+    state = run_round(grid, strategy, cfg, state)
+    second = {s.site: s for s in state.history.rounds[1].sites}
+    assert sorted(second) == ["a", "c"]
+    assert second["c"].node_id == 9 and "Node Unavailable" in str(second["c"].error)
+    assert second["a"].error is None and state.history.rounds[1].aggregated
+
+
 def test_too_few_replies_keep_previous_weights() -> None:
     grid = FakeGrid({1: site("a", {"w": np.ones(2), "b": np.ones((1, 2))}, 1, 0.5),
                      2: lambda msg: None})
