@@ -105,6 +105,7 @@ class Federation:
     creds: Path
     keys: Path
     env: dict[str, str]
+    superlink_env: dict[str, str]
     superlink: Process
     nodes: dict[str, Process] = field(default_factory=dict)
 
@@ -162,6 +163,11 @@ class Federation:
         return "\n".join(parts)
 
 
+def wait_for_superlink(superlink: Process) -> None:
+    wait_until("the SuperLink to listen", lambda: "Uvicorn running on https" in superlink.log(),
+               90, superlink.tail)
+
+
 def _fedseg(*args: str, cwd: Path) -> str:
     result = subprocess.run([sys.executable, "-m", "fedseg", *args], cwd=cwd,
                             capture_output=True, text=True, timeout=120)
@@ -198,14 +204,13 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FEDSEG_BIN": str(BIN), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONUNBUFFERED": "1"}
-    superlink = start("superlink", "fedseg-superlink",
-                      {**env, "FEDSEG_CREDENTIALS": str(creds),
-                       "FEDSEG_STATE_DIR": str(root / "coordinator"),
-                       "FEDSEG_HOST": "127.0.0.1", "FEDSEG_PORT": str(port)}, root / "logs")
-    fed = Federation(root, port, creds, keys, env, superlink)
+    superlink_env = {**env, "FEDSEG_CREDENTIALS": str(creds),
+                     "FEDSEG_STATE_DIR": str(root / "coordinator"),
+                     "FEDSEG_HOST": "127.0.0.1", "FEDSEG_PORT": str(port)}
+    superlink = start("superlink", "fedseg-superlink", superlink_env, root / "logs")
+    fed = Federation(root, port, creds, keys, env, superlink_env, superlink)
     try:
-        wait_until("the SuperLink to listen", lambda: "Uvicorn running on https" in
-                   superlink.log(), 90, superlink.tail)
+        wait_for_superlink(superlink)
         reg = subprocess.run(
             [str(REPO / "deploy" / "bin" / "fedseg-register-sites"),
              *(str(keys / f"{s}.pub") for s in SITES)],
@@ -219,7 +224,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                    lambda: "\n".join(p.tail() for p in fed.nodes.values()))
         yield fed
     finally:
-        for proc in [*fed.nodes.values(), superlink]:
+        for proc in [*fed.nodes.values(), fed.superlink]:
             proc.stop()
 
 
@@ -252,6 +257,19 @@ def test_two_rounds_with_three_authenticated_sites(federation: Federation) -> No
     # The coordinator watches through `flwr log`; the per-site lines come from our ServerApp.
     shown = fed.flwr("log", str(run_id), "--show", timeout=60).stdout
     assert "round 2/2" in shown and "site-c" in shown, shown[-3000:]
+
+
+def test_coordinator_can_stop_a_run(federation: Federation) -> None:
+    fed = federation
+    run_id = fed.launch({**FAST_RUN, "num-server-rounds": 50, "min-available-nodes": 3,
+                         "min-train-nodes": 3, "min-evaluate-nodes": 3, "round-timeout": 300.0})
+    wait_until(f"run {run_id} to start", lambda: fed.status(run_id) == "running", 120,
+               lambda: fed.logs(run_id))
+    stopped = fed.flwr_json("stop", str(run_id))
+    assert stopped.get("success"), stopped
+    assert fed.wait_finished(run_id, timeout=120) == "finished:stopped"
+    # The sites are free again for the next run.
+    wait_until("three SuperNodes online", lambda: len(fed.online_nodes()) == 3, 60)
 
 
 def test_unregistered_key_is_refused(federation: Federation) -> None:
@@ -340,3 +358,17 @@ def test_run_completes_when_a_site_dies_mid_run(federation: Federation) -> None:
     assert dead.error and dead.val_dice is None, dead
     assert not any(s.site.startswith("node-") for r in history.rounds for s in r.sites)
     assert (folder / "final_model.pt").is_file()
+
+
+def test_superlink_restart_keeps_runs_and_registrations(federation: Federation) -> None:
+    fed = federation
+    before = {r["run-id"]: r["status"] for r in fed.flwr_json("ls")["runs"]}
+    assert before and all(status.startswith("finished") for status in before.values())
+    fed.superlink.stop()
+    fed.superlink = start("superlink-restarted", "fedseg-superlink", fed.superlink_env,
+                          fed.root / "logs")
+    wait_for_superlink(fed.superlink)
+    after = {r["run-id"]: r["status"] for r in fed.flwr_json("ls")["runs"]}
+    assert after == before
+    registered = fed.flwr_json("supernode", "ls")["nodes"]
+    assert len(registered) == 3, registered
