@@ -89,9 +89,14 @@ def _site_keygen(args: argparse.Namespace) -> int:
 def _coordinator_certs(args: argparse.Namespace) -> int:
     from shared.credentials import write_coordinator_credentials
 
-    made = write_coordinator_credentials(args.out, tuple(args.host), args.days, args.force)
-    print(f"CA certificate        {made.ca_cert}  (give to every site and to flwr CLI users)")
-    print(f"CA key                {made.ca_key}  (keep offline; mode 0600)")
+    made = write_coordinator_credentials(args.out, tuple(args.host), args.days, args.force,
+                                         args.renew, args.ca_key)
+    if args.renew:
+        print(f"CA certificate        {made.ca_cert}  (unchanged: sites keep their ca.crt)")
+    else:
+        print(f"CA certificate        {made.ca_cert}  (give to every site and to flwr CLI users)")
+        print(f"CA key                {made.ca_key}  (move it offline before the SuperLink "
+              "starts; needed only for --renew)")
     print(f"SuperLink certificate {made.server_cert}  (names: {', '.join(made.hosts)})")
     print(f"SuperLink key         {made.server_key}  (mode 0600)")
     print(f"valid until           {made.not_after:%Y-%m-%d}")
@@ -169,14 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     certs = coord_verbs.add_parser(
         "certs", help="make the federation's private CA and the SuperLink's TLS certificate",
         description="Writes ca.crt, ca.key, superlink.crt and superlink.key. Every --host "
-                    "goes into the certificate's subject alternative names.")
+                    "goes into the certificate's subject alternative names, with localhost, "
+                    "127.0.0.1 and ::1 (the SuperLink connects to itself over TLS).")
     certs.add_argument("--out", type=Path, required=True, help="folder for the four files")
     certs.add_argument("--host", action="append", default=[], required=True,
                        help="DNS name or IP address sites use to reach the SuperLink "
                             "(repeat for each)")
-    certs.add_argument("--days", type=int, default=825, help="validity (default 825 days)")
+    certs.add_argument("--days", type=int, default=825,
+                       help="SuperLink certificate validity (default 825 days; the CA gets "
+                            "at least ten years)")
     certs.add_argument("--force", action="store_true",
                        help="replace existing files (every site then needs the new ca.crt)")
+    certs.add_argument("--renew", action="store_true",
+                       help="keep the CA; re-issue only superlink.crt and superlink.key "
+                            "(e.g. before expiry or for a new --host)")
+    certs.add_argument("--ca-key", type=Path, default=None,
+                       help="the CA's key when it is kept elsewhere (with --renew)")
     certs.set_defaults(func=_coordinator_certs)
 
     pred = verbs.add_parser(

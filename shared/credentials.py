@@ -32,8 +32,12 @@ SERVER_KEY = "superlink.key"
 # Flower's SuperNode authentication signs with a NIST curve in OpenSSH format.
 NODE_CURVE = ec.SECP384R1()
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-_HOST = re.compile(r"(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST = re.compile(r"(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
                    r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
+# The SuperLink starts its own SuperExec, which connects back over TLS to the
+# loopback address and checks the certificate, so these names are always included.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+CA_DAYS = 3650
 
 
 class CredentialError(FedsegError):
@@ -192,8 +196,29 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def _load_ca(cert_path: Path, key_path: Path
+             ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """Read the federation's CA certificate and key for re-issuing the SuperLink's certificate."""
+    for path in (cert_path, key_path):
+        if not path.is_file():
+            raise CredentialError(
+                f"{path}: not found; --renew re-issues superlink.crt from the existing CA, so "
+                "give the CA's key with --ca-key (or run without --renew to start a new CA)")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except ValueError as exc:
+        raise CredentialError(f"{cert_path} / {key_path}: not a PEM certificate and unencrypted "
+                              f"key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or (
+            key.public_key().public_numbers() != cert.public_key().public_numbers()):  # type: ignore[union-attr]
+        raise CredentialError(f"{key_path}: is not the key of {cert_path}; give the CA's own key")
+    return key, cert
+
+
 def write_coordinator_credentials(out: Path, hosts: tuple[str, ...], days: int = 825,
-                                  force: bool = False) -> CoordinatorCredentials:
+                                  force: bool = False, renew: bool = False,
+                                  ca_key_path: Path | None = None) -> CoordinatorCredentials:
     """Write a private CA and the SuperLink's TLS certificate and key into ``out``.
 
     Parameters
@@ -202,11 +227,16 @@ def write_coordinator_credentials(out: Path, hosts: tuple[str, ...], days: int =
         Folder for ``ca.crt``, ``ca.key``, ``superlink.crt`` and ``superlink.key``.
     hosts : tuple of str
         Every DNS name and IP address sites use to reach the SuperLink; they go
-        into the certificate's subject alternative names.
+        into the certificate's subject alternative names, with the loopback names.
     days : int
-        Validity of both certificates.
+        Validity of the SuperLink's certificate (the CA gets at least ten years,
+        so renewing the certificate never means sending sites a new ``ca.crt``).
     force : bool
         Replace existing files (which invalidates the old CA for every site).
+    renew : bool
+        Keep the existing CA and re-issue only ``superlink.crt`` and ``superlink.key``.
+    ca_key_path : Path, optional
+        Where the CA's key is when it is kept away from ``out`` (with ``renew``).
 
     Returns
     -------
@@ -215,13 +245,17 @@ def write_coordinator_credentials(out: Path, hosts: tuple[str, ...], days: int =
     """
     if days < 1:
         raise CredentialError(f"--days {days}: must be at least 1")
-    hosts = check_hosts(hosts)
+    hosts = check_hosts((*check_hosts(hosts), *LOOPBACK_HOSTS))
     paths = [out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY]
-    _refuse_overwrite(paths, force)
-    ca_key, ca_cert = make_certificate_authority("fedseg federation CA", days)
+    if renew:
+        ca_key, ca_cert = _load_ca(paths[0], ca_key_path or paths[1])
+    else:
+        _refuse_overwrite(paths, force)
+        ca_key, ca_cert = make_certificate_authority("fedseg federation CA", max(days, CA_DAYS))
     key, cert = make_server_certificate(ca_key, ca_cert, hosts, days)
-    _write(paths[0], ca_cert.public_bytes(serialization.Encoding.PEM), secret=False)
-    _write(paths[1], _pem_key(ca_key), secret=True)
+    if not renew:
+        _write(paths[0], ca_cert.public_bytes(serialization.Encoding.PEM), secret=False)
+        _write(paths[1], _pem_key(ca_key), secret=True)
     _write(paths[2], cert.public_bytes(serialization.Encoding.PEM), secret=False)
     _write(paths[3], _pem_key(key), secret=True)
     return CoordinatorCredentials(ca_cert=paths[0], ca_key=paths[1], server_cert=paths[2],

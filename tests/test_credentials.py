@@ -43,16 +43,43 @@ def test_superlink_certificate_names_every_host_and_chains_to_the_ca(tmp_path: P
     cert = x509.load_pem_x509_certificate(made.server_cert.read_bytes())
     cert.verify_directly_issued_by(ca)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    # Loopback names are always in: the SuperLink's own SuperExec connects over TLS to them.
     assert san.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1")]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert 29 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 30
-    assert made.hosts == ("fl.example.org", "10.0.0.5", "localhost")
+    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days >= 3650
+    assert made.hosts == ("fl.example.org", "10.0.0.5", "localhost", "127.0.0.1", "::1")
     assert mode(made.ca_key) == 0o600 and mode(made.server_key) == 0o600
-    assert mode(made.ca_cert) == 0o644
+    assert mode(made.ca_cert) & 0o022 == 0  # never group- or world-writable
+
+
+def test_renew_reissues_the_superlink_certificate_from_the_same_ca(tmp_path: Path) -> None:
+    first = write_coordinator_credentials(tmp_path, ("fl.example.org",))
+    ca_before = first.ca_cert.read_bytes()
+    old_cert = first.server_cert.read_bytes()
+    offline = tmp_path / "offline" / "ca.key"
+    offline.parent.mkdir()
+    first.ca_key.rename(offline)
+    with pytest.raises(CredentialError, match=r"ca\.key: not found.*--ca-key"):
+        write_coordinator_credentials(tmp_path, ("fl.example.org",), renew=True)
+    made = write_coordinator_credentials(tmp_path, ("fl.example.org", "fl2.example.org"),
+                                         renew=True, ca_key_path=offline)
+    assert made.ca_cert.read_bytes() == ca_before and not first.ca_key.exists()
+    assert made.server_cert.read_bytes() != old_cert
+    cert = x509.load_pem_x509_certificate(made.server_cert.read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_before))
+    assert "fl2.example.org" in cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    stranger = write_coordinator_credentials(tmp_path / "other", ("x.org",))
+    with pytest.raises(CredentialError, match="is not the key of"):
+        write_coordinator_credentials(tmp_path, ("fl.example.org",), renew=True,
+                                      ca_key_path=stranger.ca_key)
 
 
 def test_node_key_is_a_p384_openssh_pair_with_a_private_half_only_the_owner_reads(
@@ -82,6 +109,7 @@ def test_existing_credentials_are_never_silently_replaced(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("args, fragment", [
     (["coordinator", "certs", "--out", "{tmp}", "--host", "bad host"], "--host 'bad host'"),
+    (["coordinator", "certs", "--out", "{tmp}", "--host", "*foo"], "--host '*foo'"),
     (["coordinator", "certs", "--out", "{tmp}", "--host", "x", "--days", "0"], "--days 0"),
     (["site", "keygen", "--out", "{tmp}", "--name", "../escape"], "--name '../escape'"),
 ])

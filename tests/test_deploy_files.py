@@ -417,7 +417,8 @@ def test_compose_topology(compose: dict[str, Any]) -> None:
 
     link = services["superlink"]
     assert link["command"] == ["fedseg-superlink"]
-    assert "8000:8000" in link["ports"]
+    # Published on loopback only: the port also carries the unauthenticated Control API.
+    assert link["ports"] == ["127.0.0.1:8000:8000"]
     assert "8000" in " ".join(link["healthcheck"]["test"])
     assert link["restart"] == "unless-stopped"
     assert {"type": "volume", "source": "coordinator-state",

@@ -163,6 +163,23 @@ class Federation:
         return "\n".join(parts)
 
 
+def kill_strays(flwr_home: Path) -> None:
+    """Kill what Flower detached into sessions of its own (SuperExec, app processes).
+
+    Every process of this federation inherited ``FLWR_HOME=<flwr_home>``; nothing
+    else on the machine has it.
+    """
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
 def wait_for_superlink(superlink: Process) -> None:
     wait_until("the SuperLink to listen", lambda: "Uvicorn running on https" in superlink.log(),
                90, superlink.tail)
@@ -183,8 +200,10 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     root = tmp_path_factory.mktemp("deploy")
     (root / "logs").mkdir()
     creds, keys = root / "coordinator-credentials", root / "site-keys"
-    _fedseg("coordinator", "certs", "--out", str(creds), "--host", "localhost",
-            "--host", "127.0.0.1", cwd=root)
+    # Only a public-looking name: the loopback names the SuperLink needs for its own
+    # SuperExec (and these tests use to connect) must be added by `certs` itself.
+    _fedseg("coordinator", "certs", "--out", str(creds), "--host", "fl.coordinator.test",
+            cwd=root)
     for name in (*SITES, "rogue"):
         _fedseg("site", "keygen", "--out", str(keys), "--name", name, cwd=root)
     folders = write_synthetic_federation(root / "data", num_sites=3, cases_per_site=8,
@@ -226,6 +245,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     finally:
         for proc in [*fed.nodes.values(), fed.superlink]:
             proc.stop()
+        kill_strays(flwr_home)
 
 
 def run_dir(fed: Federation, run_id: int) -> Path:
@@ -325,7 +345,9 @@ def test_client_without_the_ca_certificate_cannot_connect(federation: Federation
 
 def test_run_completes_when_a_site_dies_mid_run(federation: Federation) -> None:
     fed = federation
-    round_timeout = 60.0
+    # Generous for a loaded 2-core CI machine; a dead site is declared unavailable by
+    # the SuperLink after two missed 30 s heartbeats, well inside this.
+    round_timeout = 120.0
     rounds = 3
     run_id = fed.launch({**FAST_RUN, "num-server-rounds": rounds, "min-available-nodes": 2,
                          "min-train-nodes": 2, "min-evaluate-nodes": 2,
@@ -347,9 +369,10 @@ def test_run_completes_when_a_site_dies_mid_run(federation: Federation) -> None:
     assert sorted(s.site for s in history.rounds[0].sites) == list(SITES)
     for record in history.rounds[1:]:
         assert record.aggregated, record
-        assert record.train_seconds is not None and record.train_seconds <= round_timeout + 5
+        # Flower polls for replies every few seconds, so allow a little past the deadline.
+        assert record.train_seconds is not None and record.train_seconds <= round_timeout + 15
         assert record.evaluate_seconds is not None
-        assert record.evaluate_seconds <= round_timeout + 5
+        assert record.evaluate_seconds <= round_timeout + 15
         by_site = {s.site: s for s in record.sites}
         for alive in ("site-a", "site-b"):
             assert by_site[alive].error is None and by_site[alive].val_dice is not None
