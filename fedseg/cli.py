@@ -59,15 +59,14 @@ def _site_check(args: argparse.Namespace) -> int:
     from client.site_check import check_site, format_reports, read_site_config
     from simulations.simulate import probe_layout
 
-    data, val_fraction, pattern = args.data, args.val_fraction, args.patient_pattern
     if args.config is not None:
         # The daemon's own node config: check exactly what the SuperNode will use.
         site = read_site_config(args.config)
         data, val_fraction, pattern = site.data_path, site.val_fraction, site.patient_pattern
         print(f"site '{site.site_name}': data {data}, state {site.state_dir}, "
               f"device {site.device}, DP-SGD {'on' if site.privacy.enabled else 'off'}")
-    if data is None:
-        raise FedsegError("fedseg site check: give --data DIR or --config SITE.toml")
+    else:
+        data, val_fraction, pattern = args.data, args.val_fraction, args.patient_pattern
     dims, channels = probe_layout(data)
     reports = check_site(data, args.in_channels or channels, args.num_classes,
                          args.dims or dims, val_fraction, pattern)

@@ -12,7 +12,6 @@ import base64
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.atomic import write_atomic
 from shared.errors import FedsegError
 
 CA_CERT = "ca.crt"
@@ -179,16 +179,16 @@ def _refuse_overwrite(paths: list[Path], force: bool) -> None:
 
 
 def _write(path: Path, data: bytes, secret: bool) -> None:
-    """Write ``data``; a secret is created readable by its owner only, never wider."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` atomically; a secret is never readable by anyone but its owner."""
+
+    def write(tmp: Path) -> None:
+        # The temporary file is created 0600, so a secret is never exposed, not even
+        # for a moment; a public file is opened up before it takes its final name.
+        tmp.write_bytes(data)
+        if not secret:
+            tmp.chmod(0o644)
+
+    write_atomic(path, write)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
