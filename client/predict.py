@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.data_contract import load_image_for_inference
+from client.imaging import is_image_file, strip_suffix, write_mask
+from client.inference import predict_classes
 from client.site_state import load_local_layers
 from client.trainer import resolve_device
 from shared.checkpoint import Checkpoint
-from shared.data_contract import load_image_for_inference
 from shared.errors import DataError
-from shared.imaging import is_image_file, strip_suffix, write_mask
-from shared.inference import predict_classes
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
 from shared.weights import check_compatible, numpy_to_state, state_to_numpy

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from client.data_contract import discover_cases, load_case, split_cases
+from client.imaging import read_image
 from shared.config import SiteConfig
-from shared.data_contract import discover_cases, load_case, split_cases
 from shared.errors import DataError, FedsegError
-from shared.imaging import read_image
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def _site_check(args: argparse.Namespace) -> int:
 
 
 def _site_keygen(args: argparse.Namespace) -> int:
-    from shared.credentials import write_node_key
+    from fedseg.credentials import write_node_key
 
     key = write_node_key(args.out, args.name, args.force)
     print(f"private key {key.private_key}  (keep it on this machine; mode 0600)")
@@ -86,7 +86,7 @@ def _site_keygen(args: argparse.Namespace) -> int:
 
 
 def _coordinator_certs(args: argparse.Namespace) -> int:
-    from shared.credentials import write_coordinator_credentials
+    from fedseg.credentials import write_coordinator_credentials
 
     made = write_coordinator_credentials(args.out, tuple(args.host), args.days, args.force,
                                          args.renew, args.ca_key)

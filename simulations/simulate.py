@@ -16,13 +16,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from client.data_contract import discover_cases
+from client.imaging import read_image
 from client.trainer import SiteData
 from server.history import RoundRecord
 from server.report import format_round
 from shared.config import RunConfig, SiteConfig
-from shared.data_contract import discover_cases
 from shared.errors import DataError
-from shared.imaging import read_image
 
 # Settings that make the built-in synthetic task converge in a few minutes on 2 CPUs.
 SYNTHETIC_2D: dict[str, Any] = {

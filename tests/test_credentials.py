@@ -14,13 +14,13 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fedseg.cli import EXIT_BAD_INPUT, main
-from shared.config import SiteConfig
-from shared.credentials import (
+from fedseg.credentials import (
     CredentialError,
     public_key_fingerprint,
     write_coordinator_credentials,
     write_node_key,
 )
+from shared.config import SiteConfig
 from shared.errors import ConfigError
 from simulations.phantoms import write_synthetic_federation
 

@@ -1,4 +1,4 @@
-"""Tests of shared.imaging, shared.transforms and shared.data_contract on synthetic files."""
+"""Tests of client.imaging, client.transforms and client.data_contract on synthetic files."""
 
 from __future__ import annotations
 
@@ -12,22 +12,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.data_contract import (
+from client.data_contract import (
     CaseRef,
     discover_cases,
     load_case,
     load_image_for_inference,
     split_cases,
 )
-from shared.errors import DataError
-from shared.imaging import read_image, strip_suffix, write_mask
-from shared.transforms import (
+from client.imaging import read_image, strip_suffix, write_mask
+from client.transforms import (
     label_to_single_channel,
     labels_to_classes,
     match_channels,
     normalize_intensity,
     to_channel_first,
 )
+from shared.errors import DataError
 
 AFFINE = np.array(
     [

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from client.data_contract import discover_cases, load_case, split_cases
 from server.history import MetricsHistory
-from shared.data_contract import discover_cases, load_case, split_cases
 from simulations.simulate import SimulationRequest, find_site_folders, run_simulation
 from tests.conftest import real_data
 

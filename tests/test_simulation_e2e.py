@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from client.data_contract import discover_cases, load_case
 from server.history import MetricsHistory
 from shared.checkpoint import Checkpoint
-from shared.data_contract import discover_cases, load_case
 from simulations.simulate import SimulationRequest, run_simulation
 
 pytestmark = pytest.mark.e2e

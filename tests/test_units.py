@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from client.proximal import proximal_term
 from shared.checkpoint import Checkpoint
 from shared.config import ModelSpec, RunConfig, SiteConfig, TrainPlan
 from shared.errors import ConfigError, DataError
 from shared.metrics import case_dice, dice_per_class, weighted_mean
 from shared.networks import assert_no_batchnorm, build_network
-from shared.proximal import proximal_term
 from shared.weights import check_compatible, from_record, state_to_numpy, to_record
 
 

@@ -26,15 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import DataError
-from shared.imaging import ImageFile, is_image_file, read_image, strip_suffix
-from shared.transforms import (
+from client.imaging import ImageFile, is_image_file, read_image, strip_suffix
+from client.transforms import (
     label_to_single_channel,
     labels_to_classes,
     match_channels,
     normalize_intensity,
     to_channel_first,
 )
+from shared.errors import DataError
 
 DATASET_JSON = "dataset.json"
 IMAGES_DIR = "imagesTr"
@@ -405,10 +405,10 @@ def load_case(ref: CaseRef, in_channels: int, num_classes: int, spatial_dims: in
     ref : CaseRef
         The case, as found by :func:`discover_cases`.
     in_channels : int
-        Channels the model expects (see :func:`~shared.transforms.match_channels`).
+        Channels the model expects (see :func:`~client.transforms.match_channels`).
     num_classes : int
         Classes including background; 2 binarises the label
-        (see :func:`~shared.transforms.labels_to_classes`).
+        (see :func:`~client.transforms.labels_to_classes`).
     spatial_dims : int
         2 or 3; must match the image.
 
