@@ -22,9 +22,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from client.config import SiteConfig
 from client.trainer import SiteData, SiteTrainer
+from server.config import RunConfig
 from server.history import MetricsHistory
-from shared.config import RunConfig, SiteConfig
 from simulations.phantoms import write_synthetic_federation
 from simulations.simulate import (
     SYNTHETIC_2D,
@@ -55,7 +56,7 @@ def centralised(folders: list[Path], config: RunConfig, pooled: bool,
         learner = SiteTrainer(sites[0], config.model, data=pool)
         weights = learner.weights()
         for rnd in range(1, config.num_server_rounds + 1):
-            plan = replace(config.plan(rnd), local_steps=config.local_steps * len(sites))
+            plan = replace(config.plan(rnd), local_steps=config.training.local_steps * len(sites))
             weights = learner.train(weights, plan).weights
             per_round.append({t.site.site_name: t.evaluate(weights).dice for t in trainers})
     else:

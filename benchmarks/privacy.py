@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from monai.losses import DiceCELoss
 
+from server.config import RunConfig
 from server.history import MetricsHistory
-from shared.config import RunConfig
 from shared.networks import build_network
 from simulations.simulate import SimulationRequest, run_simulation
 

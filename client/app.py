@@ -17,9 +17,10 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client.config import SiteConfig
 from client.trainer import SiteTrainer, TrainResult
 from shared import protocol as p
-from shared.config import ModelSpec, SiteConfig, TrainPlan
+from shared.config import ModelSpec, TrainPlan
 from shared.privacy import PrivacyRequest, resolve_privacy
 from shared.weights import from_record, to_record
 
@@ -133,7 +134,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
         if result.refused:
             log.warning("site %s refused round %d: %s", site.site_name, plan.server_round,
                         result.refused)
-        return train_reply(msg, site, result, bool(config.get("uniform-weights", False)))
+        return train_reply(msg, site, result, plan.uniform_weights)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

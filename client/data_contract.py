@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from client.config import patient_pattern_problem
 from client.imaging import ImageFile, is_image_file, read_image, strip_suffix
 from client.transforms import (
     label_to_single_channel,
@@ -157,19 +158,11 @@ def discover_cases(site_dir: Path, patient_pattern: str = "") -> list[CaseRef]:
 def _compile_pattern(site_dir: Path, patient_pattern: str) -> re.Pattern[str] | None:
     if not patient_pattern:
         return None
-    try:
-        pattern = re.compile(patient_pattern)
-    except re.error as exc:
-        raise DataError(
-            site_dir, f"patient-pattern {patient_pattern!r} is not a valid regex ({exc})",
-            "fix patient-pattern in the node config",
-        ) from None
-    if pattern.groups < 1:
-        raise DataError(
-            site_dir, f"patient-pattern {patient_pattern!r} has no capture group",
-            "wrap the patient id part in parentheses, e.g. '^(\\w+?)_\\d+$'",
-        )
-    return pattern
+    problem = patient_pattern_problem(patient_pattern)
+    if problem is not None:
+        raise DataError(site_dir, f"patient-pattern {patient_pattern!r} {problem}",
+                        "fix patient-pattern in the node config")
+    return re.compile(patient_pattern)
 
 
 def _patient_id(case_id: str, image: Path, pattern: re.Pattern[str] | None) -> str:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.accounting import compute_epsilon
 from shared.atomic import write_text_atomic
 from shared.errors import DataError
-from shared.privacy import Mechanism, Step, compute_epsilon
+from shared.privacy import Mechanism, Step
 
 FORMAT = "fedseg-privacy-ledger/1"
 FILE_NAME = "privacy-ledger.json"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from client.config import SiteConfig
 from client.data_contract import discover_cases, load_case, split_cases
 from client.imaging import read_image
-from shared.config import SiteConfig
 from shared.errors import DataError, FedsegError
 
 

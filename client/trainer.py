@@ -19,17 +19,19 @@ import torch
 from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader, Dataset
 
+from client.accounting import calibrate_noise, sample_rate
+from client.config import SiteConfig
 from client.data_contract import CaseRef, LoadedCase, discover_cases, load_case, split_cases
 from client.inference import predict_classes
 from client.privacy_ledger import PrivacyLedger
 from client.proximal import proximal_term
 from client.site_state import load_local_layers, save_local_layers
-from shared.config import ModelSpec, SiteConfig, TrainPlan
+from shared.config import ModelSpec, TrainPlan
 from shared.errors import ConfigError, DataError
 from shared.metrics import case_dice
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
-from shared.privacy import PrivacySettings, calibrate_noise, sample_rate
+from shared.privacy import PrivacySettings
 from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -8,10 +8,10 @@ from flwr.app import Context
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
+from server.config import RunConfig
 from server.federation import Reporter, RunFolder, run_federation
 from server.history import RoundRecord
 from server.report import format_round
-from shared.config import RunConfig
 from shared.networks import build_network, seed_everything
 from shared.partition import local_parameter_names, split_weights
 from shared.weights import NDArrays, state_to_numpy
@@ -30,7 +30,7 @@ class FlowerLogReporter:
 
 def initial_weights(config: RunConfig) -> NDArrays:
     """Return the seeded initial shared weights for ``config``'s model (no site-local layers)."""
-    seed_everything(config.seed)
+    seed_everything(config.training.seed)
     net = build_network(config.model)
     shared, _ = split_weights(state_to_numpy(net.state_dict()),
                               local_parameter_names(net, config.model.adaptation))

@@ -21,11 +21,11 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from server.config import RunConfig
 from server.history import MetricsHistory, RoundRecord, SiteRound
 from server.strategies import build_strategy
 from shared import protocol as p
 from shared.checkpoint import Checkpoint
-from shared.config import RunConfig
 from shared.errors import FedsegError
 from shared.weights import NDArrays, from_record, to_record
 

@@ -1,6 +1,18 @@
-"""Choose and configure Flower's aggregation strategy from the run config."""
+"""Flower's aggregation strategies and central-DP wrappers, one registry entry each.
+
+Every strategy gets the same constructor arguments (written once in
+:func:`build_base_strategy`) plus its own options from its entry. A robust
+aggregation rule is one more entry, e.g.
+``"fedmedian": StrategyType(FedMedian, "coordinate-wise median")`` or
+``"fedtrimmedavg": StrategyType(FedTrimmedAvg, "trimmed mean",
+lambda c: {"beta": 0.2})``.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -12,52 +24,115 @@ from flwr.serverapp.strategy import (
 )
 
 from shared import protocol as p
-from shared.config import RunConfig
+from shared.config import TrainPlan
+from shared.registry import Registry
 
 
-def build_strategy(config: RunConfig) -> Strategy:
+class StrategySettings(Protocol):
+    """What the strategies read of :class:`server.config.RunConfig`."""
+
+    @property
+    def strategy(self) -> str: ...  # noqa: D102
+    @property
+    def proximal_mu(self) -> float: ...  # noqa: D102
+    @property
+    def server_learning_rate(self) -> float: ...  # noqa: D102
+    @property
+    def min_available_nodes(self) -> int: ...  # noqa: D102
+    @property
+    def min_train_nodes(self) -> int: ...  # noqa: D102
+    @property
+    def min_evaluate_nodes(self) -> int: ...  # noqa: D102
+    @property
+    def training(self) -> TrainPlan: ...  # noqa: D102
+    @property
+    def central_dp(self) -> str: ...  # noqa: D102
+    @property
+    def central_dp_noise_multiplier(self) -> float: ...  # noqa: D102
+    @property
+    def central_dp_clipping_norm(self) -> float: ...  # noqa: D102
+
+
+def _no_options(config: StrategySettings) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class StrategyType:
+    """One aggregation strategy.
+
+    Attributes
+    ----------
+    cls : type
+        A Flower strategy taking FedAvg's constructor arguments.
+    doc : str
+        One line for users.
+    options : callable
+        Its own constructor arguments, from the run config.
+    proximal : bool
+        Sites add FedProx's proximal term (with the run's ``proximal-mu``).
+    """
+
+    cls: Callable[..., FedAvg]
+    doc: str
+    options: Callable[[StrategySettings], dict[str, Any]] = field(default=_no_options)
+    proximal: bool = False
+
+
+STRATEGIES: Registry[StrategyType] = Registry("strategy", {
+    "fedavg": StrategyType(FedAvg, "case-weighted average"),
+    "fedprox": StrategyType(FedProx, "FedAvg plus a proximal term at the sites",
+                            lambda c: {"proximal_mu": c.proximal_mu}, proximal=True),
+    # Adam on the server (Reddi et al., 2021) with the paper's beta values.
+    "fedadam": StrategyType(FedAdam, "Adam on the server", lambda c: {
+        "eta": c.server_learning_rate, "eta_l": c.training.learning_rate,
+        "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}),
+})
+
+
+@dataclass(frozen=True)
+class CentralDPType:
+    """One client-level DP mode: a Flower fixed-clipping wrapper, or none."""
+
+    wrapper: Callable[..., Strategy] | None
+    doc: str
+
+
+CENTRAL_DP: Registry[CentralDPType] = Registry("central-dp mode", {
+    "off": CentralDPType(None, "no client-level DP"),
+    "server-side": CentralDPType(DifferentialPrivacyServerSideFixedClipping,
+                                 "the server clips every update"),
+    # The ClientApp's clip_update_mod clips at the site when the config asks for it.
+    "client-side": CentralDPType(DifferentialPrivacyClientSideFixedClipping,
+                                 "each site clips its own update"),
+})
+
+
+def build_strategy(config: StrategySettings) -> Strategy:
     """Return the aggregation strategy of ``config``, wrapped for central DP if asked.
 
     With ``central-dp`` set, Flower's own fixed-clipping wrappers add client-level
-    DP: ``server-side`` clips every update on the server, ``client-side`` has each
-    site clip its own (``client.app.clip_update_mod``); both add Gaussian noise to
-    the aggregate.
+    DP; both add Gaussian noise to the aggregate.
     """
     base = build_base_strategy(config)
-    if config.central_dp == "off":
+    wrapper = CENTRAL_DP[config.central_dp].wrapper
+    if wrapper is None:
         return base
-    wrapper = (DifferentialPrivacyServerSideFixedClipping if config.central_dp == "server-side"
-               else DifferentialPrivacyClientSideFixedClipping)
     return wrapper(base, noise_multiplier=config.central_dp_noise_multiplier,
                    clipping_norm=config.central_dp_clipping_norm,
                    num_sampled_clients=config.min_train_nodes)
 
 
-def build_base_strategy(config: RunConfig) -> FedAvg:
-    """Return FedAvg, FedProx or FedAdam configured from ``config``.
+def build_base_strategy(config: StrategySettings) -> FedAvg:
+    """Return the registered strategy of ``config``.
 
     Every strategy weights a site's update by its number of training cases and
     samples all connected sites (``fraction = 1``), never fewer than the
     configured minimums.
     """
-    if config.strategy == "fedprox":
-        return FedProx(
-            min_train_nodes=config.min_train_nodes, min_evaluate_nodes=config.min_evaluate_nodes,
-            min_available_nodes=config.min_available_nodes, weighted_by_key=p.NUM_EXAMPLES,
-            arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG,
-            proximal_mu=config.proximal_mu,
-        )
-    if config.strategy == "fedadam":
-        # Adam on the server (Reddi et al., 2021) with the paper's beta values.
-        return FedAdam(
-            min_train_nodes=config.min_train_nodes, min_evaluate_nodes=config.min_evaluate_nodes,
-            min_available_nodes=config.min_available_nodes, weighted_by_key=p.NUM_EXAMPLES,
-            arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG,
-            eta=config.server_learning_rate, eta_l=config.learning_rate,
-            beta_1=0.9, beta_2=0.99, tau=1e-3,
-        )
-    return FedAvg(
+    entry = STRATEGIES[config.strategy]
+    return entry.cls(
         min_train_nodes=config.min_train_nodes, min_evaluate_nodes=config.min_evaluate_nodes,
         min_available_nodes=config.min_available_nodes, weighted_by_key=p.NUM_EXAMPLES,
-        arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG,
+        arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG, **entry.options(config),
     )

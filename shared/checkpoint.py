@@ -11,6 +11,7 @@ import torch
 from shared.atomic import write_atomic
 from shared.config import ModelSpec
 from shared.errors import DataError
+from shared.settings import ROUND_CONFIG, Source
 from shared.weights import NDArrays, numpy_to_state, state_to_numpy
 
 FORMAT = "fedseg-checkpoint/1"
@@ -47,7 +48,8 @@ class Checkpoint:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise DataError(path, "is not a fedseg checkpoint", "pass the final_model.pt of a run")
         return cls(
-            spec=ModelSpec.from_config(payload["model"], source=f"checkpoint {path}"),
+            spec=ModelSpec.from_config(payload["model"],
+                                      Source(f"checkpoint {path}", ROUND_CONFIG.fix)),
             weights=state_to_numpy(payload["weights"]),
             server_round=int(payload["round"]),
         )

@@ -1,67 +1,113 @@
-"""Build the shared segmentation network from a :class:`~shared.config.ModelSpec`.
+"""The shared segmentation networks, one registry entry each.
 
 Only normalisation layers without running statistics are used (InstanceNorm,
 GroupNorm): Opacus rejects BatchNorm, and BatchNorm's running means would carry
 statistics of a site's images inside the shared weights.
+
+A new architecture is one entry of :data:`NETWORKS`: its builder, the factor
+every input side must be divisible by, the fewest channel levels it needs and
+whether its output layer is normalised (which the GroupNorm group count must
+divide).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from monai.networks.nets import BasicUNet, SegResNet, UNet
 from torch import nn
 
-from shared.config import ModelSpec
-from shared.partition import uses_adapter
+from shared.partition import adapt
+from shared.registry import Registry
+
+NormArg = tuple[str, dict[str, Any]]
 
 
-class InputAdapter(nn.Module):
-    """A per-site 1x1 convolution that harmonises intensities and colours.
+class NetworkSpec(Protocol):
+    """What a builder reads of :class:`shared.config.ModelSpec`."""
 
-    It starts as the identity, so an adapted network begins exactly as the
-    shared one, and it learns each scanner's intensity/colour mapping locally.
+    @property
+    def network(self) -> str: ...  # noqa: D102
+    @property
+    def norm(self) -> str: ...  # noqa: D102
+    @property
+    def channels(self) -> tuple[int, ...]: ...  # noqa: D102
+    @property
+    def in_channels(self) -> int: ...  # noqa: D102
+    @property
+    def num_classes(self) -> int: ...  # noqa: D102
+    @property
+    def adaptation(self) -> str: ...  # noqa: D102
+    @property
+    def spatial_dims(self) -> int: ...  # noqa: D102
+    @property
+    def norm_groups(self) -> int: ...  # noqa: D102
+
+
+@dataclass(frozen=True)
+class NetworkType:
+    """One architecture.
+
+    Attributes
+    ----------
+    build : callable
+        ``(spec, norm) -> nn.Module`` mapping ``(B, in_channels, *patch)`` to logits.
+    downsampling : callable
+        Number of channel levels -> factor every patch side must be divisible by.
+    min_levels : int
+        Fewest ``channels`` values the builder needs.
+    channels_hint : str
+        Shown when ``channels`` has too few values.
+    normalises_output : bool
+        Its last up-sampling output, ``num_classes`` wide, is normalised too.
     """
 
-    def __init__(self, channels: int, spatial_dims: int) -> None:
-        super().__init__()
-        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
-        self.mix = conv(channels, channels, kernel_size=1)
-        with torch.no_grad():
-            self.mix.weight.zero_()
-            for c in range(channels):
-                self.mix.weight[(c, c) + (0,) * spatial_dims] = 1.0
-            assert self.mix.bias is not None
-            self.mix.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the site's channel mixing."""
-        return self.mix(x)
+    build: Callable[[NetworkSpec, NormArg], nn.Module]
+    downsampling: Callable[[int], int]
+    min_levels: int = 1
+    channels_hint: str = ""
+    normalises_output: bool = False
 
 
-class AdaptedNetwork(nn.Module):
-    """The shared network behind a site-local :class:`InputAdapter`."""
+def _unet(spec: NetworkSpec, norm: NormArg) -> nn.Module:
+    return UNet(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels,
+                out_channels=spec.num_classes, channels=spec.channels,
+                strides=(2,) * (len(spec.channels) - 1), num_res_units=1, norm=norm)
 
-    def __init__(self, adapter: InputAdapter, backbone: nn.Module) -> None:
-        super().__init__()
-        self.adapter = adapter
-        self.backbone = backbone
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Harmonise the input, then segment it."""
-        return self.backbone(self.adapter(x))
+def _basicunet(spec: NetworkSpec, norm: NormArg) -> nn.Module:
+    return BasicUNet(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels,
+                     out_channels=spec.num_classes, features=spec.channels[:6], norm=norm)
+
+
+def _segresnet(spec: NetworkSpec, norm: NormArg) -> nn.Module:
+    return SegResNet(spatial_dims=spec.spatial_dims, in_channels=spec.in_channels,
+                     out_channels=spec.num_classes, init_filters=spec.channels[0], norm=norm)
+
+
+NETWORKS: Registry[NetworkType] = Registry("network", {
+    "unet": NetworkType(_unet, lambda levels: int(2 ** (levels - 1)), min_levels=2,
+                        channels_hint="needs at least two levels, e.g. '16,32,64'",
+                        normalises_output=True),
+    "basicunet": NetworkType(_basicunet, lambda levels: 16, min_levels=6,
+                             channels_hint="needs six values, e.g. '16,16,32,64,128,16'"),
+    "segresnet": NetworkType(_segresnet, lambda levels: 8),
+})
+
+NORMS: Registry[Callable[[NetworkSpec], NormArg]] = Registry("norm", {
+    "instance": lambda spec: ("instance", {"affine": True}),
+    "group": lambda spec: ("group", {"num_groups": spec.norm_groups}),
+})
 
 FORBIDDEN_NORMS: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
 )
 
 
-def _norm_arg(spec: ModelSpec) -> tuple[str, dict[str, object]]:
-    if spec.norm == "group":
-        return ("group", {"num_groups": spec.norm_groups})
-    return ("instance", {"affine": True})
-
-
-def build_network(spec: ModelSpec) -> nn.Module:
+def build_network(spec: NetworkSpec) -> nn.Module:
     """Return a freshly initialised network for ``spec``.
 
     Parameters
@@ -73,38 +119,11 @@ def build_network(spec: ModelSpec) -> nn.Module:
     -------
     torch.nn.Module
         A MONAI network mapping ``(B, in_channels, *patch)`` to
-        ``(B, num_classes, *patch)`` logits.
+        ``(B, num_classes, *patch)`` logits, with the site-local modules of
+        ``spec.adaptation``.
     """
-    norm = _norm_arg(spec)
-    net: nn.Module
-    if spec.network == "unet":
-        net = UNet(
-            spatial_dims=spec.spatial_dims,
-            in_channels=spec.in_channels,
-            out_channels=spec.num_classes,
-            channels=spec.channels,
-            strides=(2,) * (len(spec.channels) - 1),
-            num_res_units=1,
-            norm=norm,
-        )
-    elif spec.network == "basicunet":
-        net = BasicUNet(
-            spatial_dims=spec.spatial_dims,
-            in_channels=spec.in_channels,
-            out_channels=spec.num_classes,
-            features=spec.channels[:6],
-            norm=norm,
-        )
-    else:
-        net = SegResNet(
-            spatial_dims=spec.spatial_dims,
-            in_channels=spec.in_channels,
-            out_channels=spec.num_classes,
-            init_filters=spec.channels[0],
-            norm=norm,
-        )
-    if uses_adapter(spec.adaptation):
-        net = AdaptedNetwork(InputAdapter(spec.in_channels, spec.spatial_dims), net)
+    net = NETWORKS[spec.network].build(spec, NORMS[spec.norm](spec))
+    net = adapt(net, spec.adaptation, spec.in_channels, spec.spatial_dims)
     assert_no_batchnorm(net)
     return net
 

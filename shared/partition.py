@@ -1,24 +1,21 @@
 """Which parameters are shared with the federation and which stay at the site.
 
-Chosen by module type (never by substring of a parameter name):
-
-* ``none`` — everything is shared (plain FedAvg).
-* ``local-norm`` — the affine parameters of every InstanceNorm/GroupNorm layer stay
-  at the site (FedBN-style).
-* ``adapter`` — the :class:`~shared.networks.InputAdapter` in front of the shared
-  network stays at the site (per-site intensity/colour harmonisation).
-* ``adapter+local-norm`` — both.
+Every adaptation mode is one entry of :data:`ADAPTATIONS`: it selects site-local
+modules by type (never by substring of a parameter name) and may put a site-local
+:class:`InputAdapter` in front of the shared network. A personalisation mode (a
+site-local head, say) is one more entry with its own selector.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
+import torch
 from torch import nn
 
-Adaptation = Literal["none", "local-norm", "adapter", "adapter+local-norm"]
-ADAPTATIONS: tuple[Adaptation, ...] = ("none", "local-norm", "adapter", "adapter+local-norm")
+from shared.registry import Registry
 
 LOCAL_NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm,
@@ -27,21 +24,102 @@ LOCAL_NORM_TYPES: tuple[type[nn.Module], ...] = (
 T = TypeVar("T")
 
 
-def uses_adapter(mode: Adaptation) -> bool:
+class InputAdapter(nn.Module):
+    """A per-site 1x1 convolution that harmonises intensities and colours.
+
+    It starts as the identity, so an adapted network begins exactly as the
+    shared one, and it learns each scanner's intensity/colour mapping locally.
+    """
+
+    def __init__(self, channels: int, spatial_dims: int) -> None:
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.mix = conv(channels, channels, kernel_size=1)
+        with torch.no_grad():
+            self.mix.weight.zero_()
+            for c in range(channels):
+                self.mix.weight[(c, c) + (0,) * spatial_dims] = 1.0
+            assert self.mix.bias is not None
+            self.mix.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the site's channel mixing."""
+        return self.mix(x)
+
+
+class AdaptedNetwork(nn.Module):
+    """The shared network behind a site-local :class:`InputAdapter`."""
+
+    def __init__(self, adapter: InputAdapter, backbone: nn.Module) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Harmonise the input, then segment it."""
+        return self.backbone(self.adapter(x))
+
+
+Selector = Callable[[nn.Module], bool]
+"""Decides whether a module's parameters stay at the site."""
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, LOCAL_NORM_TYPES)
+
+
+def _is_adapter(module: nn.Module) -> bool:
+    return isinstance(module, InputAdapter)
+
+
+@dataclass(frozen=True)
+class AdaptationMode:
+    """One way of keeping layers at the site.
+
+    Attributes
+    ----------
+    doc : str
+        What stays at the site, for the README.
+    local : tuple of callables
+        A module whose type any of these accepts keeps its parameters at the site.
+    input_adapter : bool
+        Put a site-local :class:`InputAdapter` in front of the shared network.
+    """
+
+    doc: str
+    local: tuple[Selector, ...] = ()
+    input_adapter: bool = False
+
+
+ADAPTATIONS: Registry[AdaptationMode] = Registry("adaptation", {
+    "none": AdaptationMode("nothing (plain FedAvg)"),
+    "local-norm": AdaptationMode(
+        "affine parameters of every InstanceNorm/GroupNorm (FedBN-style)", (_is_norm,)),
+    "adapter": AdaptationMode(
+        "a per-site 1x1-convolution input harmoniser (identity at start) in front of the "
+        "shared network", (_is_adapter,), input_adapter=True),
+    "adapter+local-norm": AdaptationMode("both", (_is_adapter, _is_norm), input_adapter=True),
+})
+
+
+def uses_adapter(mode: str) -> bool:
     """Return whether ``mode`` puts a site-local input adapter in front of the network."""
-    return mode in ("adapter", "adapter+local-norm")
+    return ADAPTATIONS[mode].input_adapter
 
 
-def local_parameter_names(net: nn.Module, mode: Adaptation) -> frozenset[str]:
+def adapt(net: nn.Module, mode: str, in_channels: int, spatial_dims: int) -> nn.Module:
+    """Return ``net`` with the site-local modules ``mode`` adds (the network itself if none)."""
+    if uses_adapter(mode):
+        return AdaptedNetwork(InputAdapter(in_channels, spatial_dims), net)
+    return net
+
+
+def local_parameter_names(net: nn.Module, mode: str) -> frozenset[str]:
     """Return the names (as in ``net.state_dict()``) of the site-local parameters."""
-    from shared.networks import InputAdapter
-
-    local_norm = mode in ("local-norm", "adapter+local-norm")
+    selectors = ADAPTATIONS[mode].local
     names: set[str] = set()
     for module_name, module in net.named_modules():
-        is_local = (local_norm and isinstance(module, LOCAL_NORM_TYPES)) or (
-            uses_adapter(mode) and isinstance(module, InputAdapter))
-        if not is_local:
+        if not any(select(module) for select in selectors):
             continue
         prefix = f"{module_name}." if module_name else ""
         names.update(prefix + name for name, _ in module.named_parameters())

@@ -1,30 +1,43 @@
-"""Sample-level differential privacy: who decides what, and how much was spent.
+"""Sample-level differential privacy settings: who decides what.
 
 The site owns its privacy. The coordinator may *request* DP-SGD and *propose*
 a noise multiplier and clipping norm; :func:`resolve_privacy` combines both so
 that the result is never less protective than the site's own settings (more
-noise, tighter clipping, the site's delta and maximum epsilon). Epsilon is
-computed with Opacus's accountants from the full history of
-``(noise_multiplier, sample_rate, steps)`` triples, so it is cumulative over
-every round the site ever trained.
+noise, tighter clipping, the site's delta and maximum epsilon). The accounting
+itself (Opacus) lives with the site, in :mod:`client.accounting`; this module
+imports nothing beyond the standard library, so the server never loads Opacus.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from shared.registry import Registry
+from shared.settings import (
+    NODE_CONFIG,
+    ROUND_CONFIG,
+    RUN_CONFIG,
+    Source,
+    check,
+    choice,
+    flag,
+    integer,
+    invalid,
+    number,
+    parse,
+    to_wire,
+)
 
-from shared.errors import ConfigError
-
-Mechanism = Literal["rdp", "prv"]
+Mechanism = str
 Step = tuple[float, float, int]  # noise multiplier, sample rate, number of steps
 
-_NODE_FIX = "set it with flower-supernode --node-config or the site's config file"
+MECHANISMS: Registry[str] = Registry("accountant", {
+    "rdp": "Rényi DP (Opacus RDPAccountant)",
+    "prv": "privacy random variables (Opacus PRVAccountant)",
+})
 
 
 @dataclass(frozen=True)
@@ -52,55 +65,62 @@ class SitePrivacy:
         ``rdp`` or ``prv``.
     """
 
-    enabled: bool = False
-    noise_multiplier: float = 0.0
-    max_grad_norm: float = 1.0
-    delta: float = 1e-5
-    max_epsilon: float = math.inf
-    target_epsilon: float = 0.0
-    planned_rounds: int = 0
-    accountant: Mechanism = "rdp"
+    SOURCE: ClassVar[Source] = NODE_CONFIG
+
+    enabled: bool = flag("dp-enabled", False, "train with DP-SGD whatever the coordinator asks")
+    noise_multiplier: float = number(
+        "dp-noise-multiplier", 0.0, "Gaussian noise relative to the clipping norm; 0: "
+        "calibrate from dp-target-epsilon over dp-planned-rounds", minimum=0.0)
+    max_grad_norm: float = number("dp-max-grad-norm", 1.0, "per-case gradient clipping norm",
+                                  minimum=0.0, exclusive_minimum=True)
+    delta: float = number("dp-delta", 1e-5, "delta of the (epsilon, delta) guarantee, "
+                          "typically below 1/number of cases", minimum=0.0, maximum=1.0,
+                          exclusive_minimum=True, exclusive_maximum=True)
+    max_epsilon: float = number("dp-max-epsilon", math.inf, "budget: a round that would pass "
+                                "it is refused", minimum=0.0, exclusive_minimum=True,
+                                shown_default="no limit")
+    target_epsilon: float = number("dp-target-epsilon", 0.0, "epsilon to reach after "
+                                   "dp-planned-rounds when calibrating the noise", minimum=0.0)
+    planned_rounds: int = integer("dp-planned-rounds", 0, "rounds the calibration spreads "
+                                  "dp-target-epsilon over", minimum=0)
+    accountant: Mechanism = choice("dp-accountant", "rdp", "privacy accountant",
+                                   choices=MECHANISMS)
 
     def __post_init__(self) -> None:
-        def err(key: str, problem: str) -> ConfigError:
-            return ConfigError("node config", key, problem, _NODE_FIX)
-
-        if self.noise_multiplier < 0:
-            raise err("dp-noise-multiplier", "must be at least 0")
-        if self.max_grad_norm <= 0:
-            raise err("dp-max-grad-norm", "must be greater than 0")
-        if not 0 < self.delta < 1:
-            raise err("dp-delta", "must be in (0, 1), typically below 1/number of cases")
-        if self.max_epsilon <= 0:
-            raise err("dp-max-epsilon", "must be greater than 0")
-        if self.accountant not in ("rdp", "prv"):
-            raise err("dp-accountant", "must be 'rdp' or 'prv'")
+        check(self)
         if self.enabled and self.noise_multiplier == 0 and (
                 self.target_epsilon <= 0 or self.planned_rounds <= 0):
-            raise err("dp-noise-multiplier",
-                      "is 0 with DP enabled; set it, or set dp-target-epsilon and "
-                      "dp-planned-rounds to calibrate it")
+            raise invalid(self, "noise_multiplier",
+                          "is 0 with DP enabled; set it, or set dp-target-epsilon and "
+                          "dp-planned-rounds to calibrate it")
 
 
 @dataclass(frozen=True)
 class PrivacyRequest:
-    """What the coordinator asks for (sent in every round's config)."""
+    """What the coordinator asks of every site's DP-SGD (sent in every round's config)."""
 
-    enabled: bool = False
-    noise_multiplier: float = 0.0
-    max_grad_norm: float = 1.0
+    SOURCE: ClassVar[Source] = RUN_CONFIG
+
+    enabled: bool = flag("dp", False, "coordinator's request for sample-level DP-SGD at every "
+                         "site (see Differential privacy)", wire="dp-requested")
+    noise_multiplier: float = number("dp-noise-multiplier", 1.0, "proposed DP-SGD noise "
+                                     "multiplier; a site uses the larger of this and its own",
+                                     minimum=0.0, wire="dp-noise-multiplier")
+    max_grad_norm: float = number("dp-max-grad-norm", 1.0, "proposed per-case clipping norm; "
+                                  "a site uses the smaller of this and its own", minimum=0.0,
+                                  exclusive_minimum=True, wire="dp-max-grad-norm")
+
+    def __post_init__(self) -> None:
+        check(self)
 
     def to_config(self) -> dict[str, Any]:
         """Flatten into round-config keys."""
-        return {"dp-requested": self.enabled, "dp-noise-multiplier": self.noise_multiplier,
-                "dp-max-grad-norm": self.max_grad_norm}
+        return to_wire(self)
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> PrivacyRequest:
         """Parse the keys of :meth:`to_config`; absent keys mean "no request"."""
-        return cls(enabled=bool(values.get("dp-requested", False)),
-                   noise_multiplier=float(values.get("dp-noise-multiplier", 0.0)),
-                   max_grad_norm=float(values.get("dp-max-grad-norm", 1.0)))
+        return parse(cls, values, ROUND_CONFIG, by="wire")
 
 
 @dataclass(frozen=True)
@@ -143,26 +163,3 @@ def resolve_privacy(site: SitePrivacy, request: PrivacyRequest) -> PrivacySettin
         target_epsilon=site.target_epsilon,
         planned_rounds=site.planned_rounds,
     )
-
-
-def compute_epsilon(history: Sequence[Step], delta: float, mechanism: Mechanism) -> float:
-    """Return the epsilon spent by all ``history`` steps (0 for an empty history)."""
-    steps = [(float(n), float(q), int(k)) for n, q, k in history if k > 0]
-    if not steps:
-        return 0.0
-    accountant = RDPAccountant() if mechanism == "rdp" else PRVAccountant()
-    accountant.history = steps
-    return float(accountant.get_epsilon(delta=delta))
-
-
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    mechanism: Mechanism) -> float:
-    """Return the noise multiplier that spends ``target_epsilon`` in ``steps`` steps."""
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps,
-                                      accountant=mechanism))
-
-
-def sample_rate(batch_size: int, num_cases: int) -> float:
-    """Return Poisson sampling's per-case rate, as Opacus derives it from a DataLoader."""
-    return 1.0 / math.ceil(num_cases / batch_size)

@@ -16,12 +16,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from client.config import SiteConfig
 from client.data_contract import discover_cases
 from client.imaging import read_image
 from client.trainer import SiteData
+from server.config import RunConfig
 from server.history import RoundRecord
 from server.report import format_round
-from shared.config import RunConfig, SiteConfig
 from shared.errors import DataError
 
 # Settings that make the built-in synthetic task converge in a few minutes on 2 CPUs.

@@ -6,8 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from client.config import SiteConfig
 from client.trainer import SiteTrainer
-from shared.config import ModelSpec, SiteConfig, TrainPlan
+from shared.config import ModelSpec, TrainPlan
 from shared.privacy import PrivacyRequest, SitePrivacy, resolve_privacy
 
 

@@ -11,14 +11,15 @@ from flwr.app import Context, Message, RecordDict
 from torch import nn
 
 from client.app import make_client_app
+from client.config import SiteConfig
 from client.site_state import FILE_NAME
 from client.trainer import SiteTrainer
+from server.config import RunConfig
 from server.federation import FederationState, run_round
 from server.history import MetricsHistory
 from server.strategies import build_strategy
-from shared.config import RunConfig, SiteConfig
-from shared.networks import InputAdapter, build_network
-from shared.partition import LOCAL_NORM_TYPES, local_parameter_names
+from shared.networks import build_network
+from shared.partition import LOCAL_NORM_TYPES, InputAdapter, local_parameter_names
 from shared.weights import state_to_numpy
 from simulations.phantoms import write_synthetic_federation
 from tests.conftest import FakeGrid

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from client.config import SiteConfig
 from fedseg.cli import EXIT_BAD_INPUT, main
 from fedseg.credentials import (
     CredentialError,
@@ -20,7 +21,6 @@ from fedseg.credentials import (
     write_coordinator_credentials,
     write_node_key,
 )
-from shared.config import SiteConfig
 from shared.errors import ConfigError
 from simulations.phantoms import write_synthetic_federation
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from server.config import RunConfig
 from server.federation import (
     FederationState,
     NotEnoughSitesError,
@@ -20,7 +21,6 @@ from server.history import MetricsHistory
 from server.strategies import build_strategy
 from shared import protocol as p
 from shared.checkpoint import Checkpoint
-from shared.config import RunConfig
 from tests.conftest import FakeGrid
 
 

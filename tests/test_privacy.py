@@ -13,16 +13,19 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from client.accounting import compute_epsilon
 from client.app import make_client_app
+from client.config import SiteConfig
 from client.privacy_ledger import FILE_NAME, PrivacyLedger
 from client.trainer import SiteTrainer
+from server.config import RunConfig
 from server.federation import FederationState, run_round
 from server.history import MetricsHistory
 from server.strategies import build_strategy
-from shared.config import ModelSpec, RunConfig, SiteConfig, TrainPlan
+from shared.config import ModelSpec, TrainPlan
 from shared.errors import ConfigError, DataError
 from shared.networks import build_network
-from shared.privacy import PrivacyRequest, SitePrivacy, compute_epsilon, resolve_privacy
+from shared.privacy import PrivacyRequest, SitePrivacy, resolve_privacy
 from shared.weights import state_to_numpy
 from simulations.phantoms import write_synthetic_federation
 from tests.conftest import REPO, FakeGrid

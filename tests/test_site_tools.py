@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from client.config import SiteConfig
 from client.trainer import SiteTrainer
 from fedseg.cli import EXIT_BAD_INPUT, main
 from shared.checkpoint import Checkpoint
-from shared.config import ModelSpec, SiteConfig, TrainPlan
+from shared.config import ModelSpec, TrainPlan
 from shared.networks import build_network
 from shared.weights import state_to_numpy
 from simulations.phantoms import write_synthetic_federation

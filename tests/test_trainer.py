@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.config import SiteConfig
 from client.trainer import SiteTrainer
-from shared.config import ModelSpec, SiteConfig, TrainPlan
+from shared.config import ModelSpec, TrainPlan
 from simulations.phantoms import write_synthetic_federation
 
 SPEC = ModelSpec(channels=(8, 16, 32), patch_size=(32, 32))

@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from client.config import SiteConfig
 from client.proximal import proximal_term
+from server.config import RunConfig
 from shared.checkpoint import Checkpoint
-from shared.config import ModelSpec, RunConfig, SiteConfig, TrainPlan
+from shared.config import ModelSpec, TrainPlan
 from shared.errors import ConfigError, DataError
 from shared.metrics import case_dice, dice_per_class, weighted_mean
 from shared.networks import assert_no_batchnorm, build_network

@@ -1,0 +1,39 @@
+"""Privacy accounting with Opacus: epsilon spent, noise calibration, sampling rate.
+
+Epsilon is computed with Opacus's accountants from the full history of
+``(noise_multiplier, sample_rate, steps)`` triples, so it is cumulative over
+every round the site ever trained. Only sites import this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from shared.privacy import Mechanism, Step
+
+
+def compute_epsilon(history: Sequence[Step], delta: float, mechanism: Mechanism) -> float:
+    """Return the epsilon spent by all ``history`` steps (0 for an empty history)."""
+    steps = [(float(n), float(q), int(k)) for n, q, k in history if k > 0]
+    if not steps:
+        return 0.0
+    accountant = create_accountant(mechanism)
+    accountant.history = steps
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    mechanism: Mechanism) -> float:
+    """Return the noise multiplier that spends ``target_epsilon`` in ``steps`` steps."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps,
+                                      accountant=mechanism))
+
+
+def sample_rate(batch_size: int, num_cases: int) -> float:
+    """Return Poisson sampling's per-case rate, as Opacus derives it from a DataLoader."""
+    return 1.0 / math.ceil(num_cases / batch_size)

@@ -1,0 +1,111 @@
+"""The coordinator's run config, declared once per key and validated once.
+
+Read from ``[tool.flwr.app.config]`` in ``pyproject.toml`` (overridable with
+``flwr run --run-config``) and parsed on the server only. Its keys are this
+class's settings plus those of its sections: the model (:class:`ModelSpec`),
+the local training (:class:`TrainPlan`) and the DP-SGD request
+(:class:`PrivacyRequest`); those travel to the sites in the round config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from server.strategies import CENTRAL_DP, STRATEGIES
+from shared import settings
+from shared.config import ModelSpec, TrainPlan
+from shared.privacy import PrivacyRequest
+from shared.settings import (
+    RUN_CONFIG,
+    Source,
+    check,
+    choice,
+    integer,
+    invalid,
+    number,
+    path,
+    section,
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The coordinator's settings for one federated run.
+
+    Each field's declaration is its documentation (the README's table of
+    run-config keys is generated from it).
+    """
+
+    SOURCE: ClassVar[Source] = RUN_CONFIG
+
+    num_server_rounds: int = integer("num-server-rounds", 8, "rounds of train → aggregate → "
+                                     "checkpoint → evaluate", minimum=1)
+    strategy: str = choice("strategy", "fedavg", "aggregation strategy", choices=STRATEGIES)
+    proximal_mu: float = number("proximal-mu", 0.01, "FedProx coefficient (strategy fedprox)",
+                                minimum=0.0)
+    server_learning_rate: float = number("server-learning-rate", 0.05, "FedAdam's server step "
+                                         "size", minimum=0.0, exclusive_minimum=True)
+    min_available_nodes: int = integer("min-available-nodes", 1, "sites connected before each "
+                                       "round (the simulation: the number of sites)", minimum=1)
+    min_train_nodes: int = integer("min-train-nodes", 1, "sites whose weights a round needs",
+                                   minimum=1)
+    min_evaluate_nodes: int = integer("min-evaluate-nodes", 1, "sites evaluated each round",
+                                      minimum=1)
+    node_wait_timeout: float = number("node-wait-timeout", 300.0, "seconds to wait for "
+                                      "min-available-nodes before failing clearly", minimum=0.0,
+                                      exclusive_minimum=True)
+    round_timeout: float = number("round-timeout", 3600.0, "seconds to wait for replies in each "
+                                  "phase of a round", minimum=0.0, exclusive_minimum=True)
+    model: ModelSpec = section(ModelSpec)
+    training: TrainPlan = section(TrainPlan)
+    output_dir: Path = path("output-dir", Path("runs"), "where the ServerApp writes "
+                            "`run-<run id>/`")
+    privacy: PrivacyRequest = section(PrivacyRequest)
+    central_dp: str = choice("central-dp", "off", "client-level DP with Flower's fixed-clipping "
+                             "wrappers", choices=CENTRAL_DP)
+    central_dp_noise_multiplier: float = number("central-dp-noise-multiplier", 0.1, "noise of "
+                                                "the central-DP wrapper", minimum=0.0)
+    central_dp_clipping_norm: float = number("central-dp-clipping-norm", 10.0, "clipping norm "
+                                             "of the central-DP wrapper", minimum=0.0,
+                                             exclusive_minimum=True)
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.min_available_nodes < max(self.min_train_nodes, self.min_evaluate_nodes):
+            raise invalid(
+                self, "min_available_nodes",
+                f"({self.min_available_nodes}) must be at least min-train-nodes "
+                f"({self.min_train_nodes}) and min-evaluate-nodes ({self.min_evaluate_nodes})",
+            )
+
+    def plan(self, server_round: int) -> TrainPlan:
+        """Return the local-training instructions for ``server_round``."""
+        return replace(
+            self.training, server_round=server_round,
+            proximal_mu=self.proximal_mu if STRATEGIES[self.strategy].proximal else 0.0,
+            # Flower's central-DP wrappers require equal weights for every update.
+            uniform_weights=CENTRAL_DP[self.central_dp].wrapper is not None,
+        )
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """Return everything a site needs for ``server_round``, as ConfigRecord values."""
+        return {**self.model.to_config(), **self.plan(server_round).to_config(),
+                **self.privacy.to_config()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly dictionary (for the metrics history)."""
+        model_keys = settings.keys(ModelSpec)
+        out: dict[str, Any] = {key.replace("-", "_"): value
+                               for key, value in settings.to_keys(self).items()
+                               if key not in model_keys}
+        out["model"] = self.model.to_config()
+        return out
+
+    @classmethod
+    def from_user_config(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Parse and validate Flower's run config; unknown keys are refused."""
+        settings.refuse_unknown(values, settings.keys(cls), RUN_CONFIG, "setting")
+        return settings.parse(cls, values, RUN_CONFIG)
