@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from client.config import patient_pattern_problem
-from client.imaging import ImageFile, is_image_file, read_image, strip_suffix
+from client.imaging import SUFFIX_LIST, ImageFile, is_image_file, read_image, strip_suffix
 from client.transforms import (
     label_to_single_channel,
     labels_to_classes,
@@ -43,8 +43,7 @@ LABELS_DIR = "labelsTr"
 
 _LAYOUT = (
     "expected Decathlon layout: imagesTr/ and labelsTr/ with matching file names "
-    "(.nii.gz, .nii, .png, .jpg, .jpeg), or a dataset.json whose 'training' list pairs "
-    "them"
+    f"({SUFFIX_LIST}), or a dataset.json whose 'training' list pairs them"
 )
 _JSON_FIX = (
     'it must hold {"training": [{"image": "./imagesTr/x.png", "label": "./labelsTr/x.png"}, '
@@ -261,7 +260,7 @@ def _from_folders(site_dir: Path) -> list[_Triple]:
         if label is None:
             raise DataError(
                 image,
-                f"has no label: no file named {stem} (.nii.gz, .nii, .png) in {labels_dir}",
+                f"has no label: no file named {stem} ({SUFFIX_LIST}) in {labels_dir}",
                 "add its label with the same name or remove the image",
             )
         triples.append((case_id, image, label, None))

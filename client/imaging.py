@@ -30,7 +30,9 @@ SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg")
 """File name endings of supported images (matched case-insensitively)."""
 
 _FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
-_SUPPORTED = "use .nii.gz, .nii, .png, .jpg or .jpeg"
+SUFFIX_LIST = ", ".join(SUFFIXES)
+"""The supported suffixes as users read them in messages."""
+_SUPPORTED = f"use {SUFFIX_LIST}"
 _CORRUPT_FIX = "the file may be truncated or corrupt; copy or export it again"
 
 # Everything nibabel, Pillow, gzip and zlib raise for a bad file. MemoryError covers
@@ -101,6 +103,13 @@ def strip_suffix(name: str) -> str:
 def is_image_file(path: Path) -> bool:
     """Return True when ``path`` names a visible file with a supported image suffix."""
     return bool(_suffix(path.name)) and not path.name.startswith(".") and path.is_file()
+
+
+def mask_name(image_name: str) -> str:
+    """Return the file name of the mask of an image: NIfTI stays NIfTI, anything else PNG."""
+    suffix = _suffix(image_name)
+    keep = suffix if suffix and _FORMATS[suffix] == "nifti" else ".png"
+    return strip_suffix(image_name) + keep
 
 
 def _one_line(exc: BaseException, path: Path) -> str:

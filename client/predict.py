@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.data_contract import load_image_for_inference
-from client.imaging import is_image_file, strip_suffix, write_mask
+from client.imaging import SUFFIX_LIST, is_image_file, mask_name, write_mask
 from client.inference import predict_classes
 from client.site_state import load_local_layers
 from client.trainer import resolve_device
@@ -27,9 +27,7 @@ class Prediction:
 
 def mask_path(image: Path, output: Path) -> Path:
     """Return where the mask of ``image`` goes: same name, NIfTI stays NIfTI, else PNG."""
-    name = image.name.lower()
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii" if name.endswith(".nii") else ".png"
-    return output / (strip_suffix(image.name) + suffix)
+    return output / mask_name(image.name)
 
 
 def predict_folder(model: Path, input_dir: Path, output_dir: Path,
@@ -60,7 +58,7 @@ def predict_folder(model: Path, input_dir: Path, output_dir: Path,
         raise DataError(input_dir, "input folder not found", "pass a folder of images")
     images = sorted(p for p in input_dir.iterdir() if is_image_file(p))
     if not images:
-        raise DataError(input_dir, "holds no .nii.gz, .nii, .png or .jpg images",
+        raise DataError(input_dir, f"holds no images ({SUFFIX_LIST})",
                         "pass a folder of images")
     torch_device = resolve_device(device)
     net.to(torch_device)

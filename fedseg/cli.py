@@ -32,6 +32,7 @@ def _parse_overrides(text: list[str] | None) -> dict[str, Any]:
 def _simulate(args: argparse.Namespace) -> int:
     from server.history import MetricsHistory
     from server.report import format_summary
+    from shared.run_files import RunFiles
     from simulations.simulate import SimulationRequest, run_simulation
 
     overrides = _parse_overrides(args.run_config)
@@ -51,7 +52,7 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"final model {outcome.final_model}")
     print(f"metrics     {outcome.metrics_json}")
     print(f"            {outcome.metrics_csv}")
-    print(f"checkpoints {outcome.run_dir / 'checkpoints'}")
+    print(f"checkpoints {RunFiles(outcome.run_dir).checkpoints}")
     return 0
 
 

@@ -10,8 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.config import RunConfig
 from server.federation import Reporter, RunFolder, run_federation
-from server.history import RoundRecord
-from server.report import format_round
+from server.report import LineReporter
 from shared.networks import build_network, seed_everything
 from shared.partition import local_parameter_names, split_weights
 from shared.weights import NDArrays, state_to_numpy
@@ -19,13 +18,9 @@ from shared.weights import NDArrays, state_to_numpy
 INFO = 20
 
 
-class FlowerLogReporter:
-    """Report progress through Flower's logger, so ``flwr log`` shows it."""
-
-    def round_finished(self, record: RoundRecord, num_rounds: int) -> None:
-        """Log the round's per-site lines."""
-        for line in format_round(record, num_rounds):
-            flwr_log(INFO, "%s", line)
+def _flower_log(line: str) -> None:
+    # Through Flower's logger, so `flwr log` shows the per-site lines.
+    flwr_log(INFO, "%s", line)
 
 
 def initial_weights(config: RunConfig) -> NDArrays:
@@ -62,7 +57,8 @@ def make_server_app(config: RunConfig | None = None, run_dir: Path | None = None
         cfg = config if config is not None else RunConfig.from_user_config(context.run_config)
         folder = RunFolder(run_dir if run_dir is not None
                            else cfg.output_dir / f"run-{context.run_id}")
-        run_federation(grid, cfg, initial_weights(cfg), folder, reporter or FlowerLogReporter())
+        run_federation(grid, cfg, initial_weights(cfg), folder,
+                       reporter or LineReporter(_flower_log))
         flwr_log(INFO, "fedseg: final model written to %s", folder.final_model)
 
     return app

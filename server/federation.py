@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from flwr.app import ConfigRecord, Message
@@ -27,6 +26,7 @@ from server.strategies import build_strategy
 from shared import protocol as p
 from shared.checkpoint import Checkpoint
 from shared.errors import FedsegError
+from shared.run_files import RunFiles
 from shared.weights import NDArrays, from_record, to_record
 
 log = logging.getLogger("fedseg.server")
@@ -53,25 +53,14 @@ class FederationState:
 
 
 @dataclass(frozen=True)
-class RunFolder:
+class RunFolder(RunFiles):
     """Where a run's checkpoints, metrics and final model are written."""
-
-    path: Path
-
-    @property
-    def final_model(self) -> Path:
-        """Path of the final global model."""
-        return self.path / "final_model.pt"
-
-    def checkpoint(self, server_round: int) -> Path:
-        """Path of the checkpoint written after ``server_round``."""
-        return self.path / "checkpoints" / f"round-{server_round:03d}.pt"
 
     def save_round(self, state: FederationState, config: RunConfig) -> None:
         """Write the round's checkpoint and the metrics history so far."""
         Checkpoint(config.model, state.weights, state.server_round).save(
             self.checkpoint(state.server_round))
-        state.history.write(self.path)
+        state.history.write(self)
 
     def save_final(self, state: FederationState, config: RunConfig) -> None:
         """Write the final model."""
@@ -242,7 +231,7 @@ def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
         raise NotEnoughSitesError(
             f"no round of {config.num_server_rounds} received weights from min-train-nodes "
             f"({config.min_train_nodes}) sites, so no model was written; the per-site errors "
-            f"are in {folder.path / 'metrics.json'}"
+            f"are in {folder.metrics_json}"
         )
     folder.save_final(state, config)
     return state

@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.atomic import write_text_atomic
 from shared.metrics import weighted_mean
+from shared.run_files import RunFiles
 
 
 @dataclass
@@ -103,13 +104,11 @@ class MetricsHistory:
                 writer.writerow({"round": rnd.round, "site": s.site, **row})
         return buf.getvalue()
 
-    def write(self, folder: Path) -> tuple[Path, Path]:
+    def write(self, files: RunFiles) -> tuple[Path, Path]:
         """Write ``metrics.json`` and ``metrics.csv`` atomically; return their paths."""
-        json_path = folder / "metrics.json"
-        csv_path = folder / "metrics.csv"
-        write_text_atomic(json_path, self.to_json())
-        write_text_atomic(csv_path, self.to_csv())
-        return json_path, csv_path
+        write_text_atomic(files.metrics_json, self.to_json())
+        write_text_atomic(files.metrics_csv, self.to_csv())
+        return files.metrics_json, files.metrics_csv
 
     @classmethod
     def read(cls, path: Path) -> MetricsHistory:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from server.history import MetricsHistory, RoundRecord
 
 
@@ -32,6 +34,18 @@ def format_round(record: RoundRecord, num_rounds: int) -> list[str]:
             f" {s.train_steps or 0} steps){privacy}"
         )
     return lines
+
+
+class LineReporter:
+    """Report every finished round as lines to one sink: the console or Flower's log."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self.emit = emit
+
+    def round_finished(self, record: RoundRecord, num_rounds: int) -> None:
+        """Emit the round's header line and one line per site."""
+        for line in format_round(record, num_rounds):
+            self.emit(line)
 
 
 def format_summary(history: MetricsHistory) -> list[str]:

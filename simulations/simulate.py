@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from client.config import SiteConfig
-from client.data_contract import discover_cases
+from client.data_contract import DATASET_JSON, IMAGES_DIR, discover_cases
 from client.imaging import read_image
 from client.trainer import SiteData
 from server.config import RunConfig
-from server.history import RoundRecord
-from server.report import format_round
+from server.report import LineReporter
 from shared.errors import DataError
+from shared.run_files import RunFiles
 
 # Settings that make the built-in synthetic task converge in a few minutes on 2 CPUs.
 SYNTHETIC_2D: dict[str, Any] = {
@@ -70,9 +70,10 @@ def find_site_folders(data: Path) -> list[Path]:
     if not data.is_dir():
         raise DataError(data, "data folder not found", "pass a folder with one sub-folder per site")
     sites = sorted(d for d in data.iterdir()
-                   if d.is_dir() and ((d / "dataset.json").is_file() or (d / "imagesTr").is_dir()))
+                   if d.is_dir() and ((d / DATASET_JSON).is_file() or (d / IMAGES_DIR).is_dir()))
     if not sites:
-        raise DataError(data, "holds no site folders (sub-folders with dataset.json or imagesTr/)",
+        raise DataError(data, f"holds no site folders (sub-folders with {DATASET_JSON} or "
+                        f"{IMAGES_DIR}/)",
                         "pass a folder with one Decathlon-layout sub-folder per site")
     return sites
 
@@ -170,20 +171,12 @@ def run_simulation(request: SimulationRequest,
         echo(line)
     _run_flower(config, sites, run_dir, echo)
     wall = time.monotonic() - started
-    final = run_dir / "final_model.pt"
-    if not final.is_file():
-        raise RuntimeError(f"the simulation ended without writing {final}; see the log above")
-    return SimulationOutcome(run_dir, run_dir / "metrics.json", run_dir / "metrics.csv",
-                             final, wall)
-
-
-class _ConsoleReporter:
-    def __init__(self, echo: Callable[[str], None]) -> None:
-        self.echo = echo
-
-    def round_finished(self, record: RoundRecord, num_rounds: int) -> None:
-        for line in format_round(record, num_rounds):
-            self.echo(line)
+    files = RunFiles(run_dir)
+    if not files.final_model.is_file():
+        raise RuntimeError(f"the simulation ended without writing {files.final_model}; "
+                           "see the log above")
+    return SimulationOutcome(run_dir, files.metrics_json, files.metrics_csv,
+                             files.final_model, wall)
 
 
 def _run_flower(config: RunConfig, sites: list[SiteConfig], run_dir: Path,
@@ -204,7 +197,7 @@ def _run_flower(config: RunConfig, sites: list[SiteConfig], run_dir: Path,
     def resolve_site(context: Context) -> SiteConfig:
         return sites[int(context.node_config["partition-id"])]
 
-    server_app = make_server_app(config, run_dir, _ConsoleReporter(echo))
+    server_app = make_server_app(config, run_dir, LineReporter(echo))
     client_app = make_client_app(resolve_site)
     cpus = max(1, os.cpu_count() or 1)
     flower_run_simulation(

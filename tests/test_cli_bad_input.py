@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from fedseg.cli import EXIT_BAD_INPUT, main
+from shared.run_files import FINAL_MODEL, METRICS_JSON
 
 
 def png(path: Path, array: np.ndarray) -> None:
@@ -45,7 +46,7 @@ def assert_clean_failure(code: int, err: str, must_name: str, out: Path) -> None
     assert lines[0].startswith("fedseg: error: ")
     assert must_name in lines[0]
     assert "Traceback" not in err
-    assert not list(out.rglob("final_model.pt")) and not list(out.rglob("metrics.json"))
+    assert not list(out.rglob(FINAL_MODEL)) and not list(out.rglob(METRICS_JSON))
 
 
 def test_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from server.history import MetricsHistory
+from shared.run_files import RunFiles
 from simulations.phantoms import write_synthetic_federation
 from tests.conftest import REPO
 
@@ -262,7 +263,7 @@ def test_two_rounds_with_three_authenticated_sites(federation: Federation) -> No
     # The ServerApp runs in the coordinator's state folder, so the run config's default
     # output-dir puts the run folder where the coordinator's guide says it is.
     folder = run_dir(fed, run_id)
-    history = MetricsHistory.read(folder / "metrics.json")
+    history = MetricsHistory.read(RunFiles(folder).metrics_json)
     assert [r.round for r in history.rounds] == [1, 2]
     for record in history.rounds:
         assert record.aggregated
@@ -271,9 +272,9 @@ def test_two_rounds_with_three_authenticated_sites(federation: Federation) -> No
             assert site.error is None, site
             assert site.num_train_cases and site.train_steps == 3
             assert site.val_dice is not None and 0.0 <= site.val_dice <= 1.0
-    assert (folder / "final_model.pt").is_file()
-    assert (folder / "checkpoints" / "round-002.pt").is_file()
-    assert "site-a" in (folder / "metrics.csv").read_text()
+    assert RunFiles(folder).final_model.is_file()
+    assert RunFiles(folder).checkpoint(2).is_file()
+    assert "site-a" in RunFiles(folder).metrics_csv.read_text()
     # The coordinator watches through `flwr log`; the per-site lines come from our ServerApp.
     shown = fed.flwr("log", str(run_id), "--show", timeout=60).stdout
     assert "round 2/2" in shown and "site-c" in shown, shown[-3000:]
@@ -353,7 +354,7 @@ def test_run_completes_when_a_site_dies_mid_run(federation: Federation) -> None:
                          "min-train-nodes": 2, "min-evaluate-nodes": 2,
                          "round-timeout": round_timeout})
     folder = run_dir(fed, run_id)
-    wait_until("round 1 to finish", lambda: (folder / "checkpoints" / "round-001.pt").exists(),
+    wait_until("round 1 to finish", lambda: RunFiles(folder).checkpoint(1).exists(),
                300, lambda: fed.logs(run_id))
     fed.nodes["site-c"].kill()
     killed_at = time.monotonic()
@@ -364,7 +365,7 @@ def test_run_completes_when_a_site_dies_mid_run(federation: Federation) -> None:
     assert status == "finished:completed", fed.logs(run_id)
     assert time.monotonic() - killed_at < budget
 
-    history = MetricsHistory.read(folder / "metrics.json")
+    history = MetricsHistory.read(RunFiles(folder).metrics_json)
     assert [r.round for r in history.rounds] == [1, 2, 3]
     assert sorted(s.site for s in history.rounds[0].sites) == list(SITES)
     for record in history.rounds[1:]:
@@ -380,7 +381,7 @@ def test_run_completes_when_a_site_dies_mid_run(federation: Federation) -> None:
     dead = {s.site: s for s in history.rounds[1].sites}["site-c"]
     assert dead.error and dead.val_dice is None, dead
     assert not any(s.site.startswith("node-") for r in history.rounds for s in r.sites)
-    assert (folder / "final_model.pt").is_file()
+    assert RunFiles(folder).final_model.is_file()
 
 
 def test_superlink_restart_keeps_runs_and_registrations(federation: Federation) -> None:

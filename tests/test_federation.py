@@ -21,6 +21,7 @@ from server.history import MetricsHistory
 from server.strategies import build_strategy
 from shared import protocol as p
 from shared.checkpoint import Checkpoint
+from shared.run_files import RunFiles
 from tests.conftest import FakeGrid
 
 
@@ -76,8 +77,8 @@ def test_fedavg_is_exact_case_weighted_mean(tmp_path: Path) -> None:
         ("a", 1, 0.5), ("b", 3, 0.9)]
     assert rnd.mean_val_dice == pytest.approx((0.5 * 2 + 0.9 * 2) / 4)
     # The history on disk is the same object, as JSON and CSV.
-    assert MetricsHistory.read(tmp_path / "metrics.json").rounds[0].sites[1].val_dice == 0.9
-    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert MetricsHistory.read(folder.metrics_json).rounds[0].sites[1].val_dice == 0.9
+    csv_lines = folder.metrics_csv.read_text().splitlines()
     assert csv_lines[0].startswith("round,site,node_id")
     assert csv_lines[1].startswith("1,a,11,1,0.5,3,2,0.5")
 
@@ -227,9 +228,9 @@ def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> N
     context = Context(run_id=42, node_id=0, node_config={}, state=RecordDict(),
                       run_config=run_config)
     app(FakeGrid({1: respond}), context)  # type: ignore[arg-type]
-    assert (tmp_path / "run-42" / "final_model.pt").is_file()
+    assert RunFiles(tmp_path / "run-42").final_model.is_file()
     assert names and all(not n.startswith("_module") for n in names)
-    assert Checkpoint.load(tmp_path / "run-42" / "final_model.pt").spec.channels == (8, 16)
+    assert Checkpoint.load(RunFiles(tmp_path / "run-42").final_model).spec.channels == (8, 16)
 
 
 def test_malformed_reply_is_recorded_and_left_out() -> None:

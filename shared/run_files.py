@@ -1,0 +1,47 @@
+"""The names of what a run writes, in one place.
+
+The ServerApp writes a run folder; the simulation, the command line, the
+benchmarks and the tests read it. All of them name its files through
+:class:`RunFiles`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+FINAL_MODEL = "final_model.pt"
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Paths inside one run folder."""
+
+    path: Path
+
+    @property
+    def final_model(self) -> Path:
+        """The final global model (global weights plus the model spec)."""
+        return self.path / FINAL_MODEL
+
+    @property
+    def metrics_json(self) -> Path:
+        """The metrics history as JSON."""
+        return self.path / METRICS_JSON
+
+    @property
+    def metrics_csv(self) -> Path:
+        """The metrics history as CSV, one row per round and site."""
+        return self.path / METRICS_CSV
+
+    @property
+    def checkpoints(self) -> Path:
+        """The folder of per-round checkpoints."""
+        return self.path / CHECKPOINTS
+
+    def checkpoint(self, server_round: int) -> Path:
+        """Return the checkpoint written after ``server_round``."""
+        return self.checkpoints / f"round-{server_round:03d}.pt"
