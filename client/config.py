@@ -68,7 +68,8 @@ class SiteConfig:
                                  "validation, chosen deterministically", minimum=0.0,
                                  maximum=1.0, exclusive_maximum=True)
     patient_pattern: str = text("patient-pattern", "", "regex whose first group is the patient "
-                                "id of a case's file name", rule=patient_pattern_problem)
+                                "id of a case's file name", rule=patient_pattern_problem,
+                                shown_default="none")
     num_threads: int = integer("num-threads", 0, "CPU threads for PyTorch; 0 keeps its default",
                                minimum=0)
     amp: bool = flag("amp", False, "mixed precision on CUDA (off under DP-SGD)")
