@@ -260,7 +260,7 @@ class SiteTrainer:
         if privacy is not None:
             return self._train_private(loader, plan, privacy)
         anchor = {n: p.detach().clone() for n, p in self.net.named_parameters()}
-        optimiser = torch.optim.Adam(self.net.parameters(), lr=plan.learning_rate)
+        optimiser = _optimiser(self.net.parameters(), plan)
         use_amp = self.site.amp and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.net.train()
@@ -323,7 +323,7 @@ class SiteTrainer:
         # parameter names are the same with and without DP.
         net = copy.deepcopy(self.net)
         net.train()
-        optimiser = torch.optim.Adam(net.parameters(), lr=plan.learning_rate)
+        optimiser = _optimiser(net.parameters(), plan)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns about secure RNG on every call
             engine = PrivacyEngine(accountant=privacy.accountant)
@@ -365,6 +365,13 @@ class SiteTrainer:
         """Return the class map of one channel-first, normalised image."""
         self.load_weights(weights)
         return predict_classes(self.net, image, self.spec.patch_size, self.device)
+
+
+def _optimiser(params: Iterable[torch.nn.Parameter], plan: TrainPlan) -> torch.optim.Optimizer:
+    """Return the local optimiser: AdamW with ``plan.weight_decay`` > 0, else plain Adam."""
+    if plan.weight_decay > 0:
+        return torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
+    return torch.optim.Adam(params, lr=plan.learning_rate)
 
 
 def _batches(loader: Iterable[Batch], steps: int) -> Iterator[Batch]:

@@ -139,6 +139,9 @@ class TrainPlan:
     learning_rate: float = number("learning-rate", 3e-3, "learning rate of the local Adam "
                                   "optimiser", minimum=0.0, exclusive_minimum=True,
                                   wire="learning-rate")
+    weight_decay: float = number("weight-decay", 0.0, "Decoupled weight decay of the local "
+                                 "optimiser (AdamW); 0 disables it", minimum=0.0,
+                                 wire="weight-decay")
     proximal_mu: float = number(None, 0.0, "FedProx coefficient for this round; 0 disables the "
                                 "proximal term", minimum=0.0, wire="proximal-mu")
     seed: int = integer("seed", 0, "seed of the initial weights; sites mix in the round number "

@@ -9,6 +9,7 @@ import pytest
 
 from client.config import SiteConfig
 from client.trainer import SiteTrainer
+from server.config import RunConfig
 from shared.config import ModelSpec, TrainPlan
 from simulations.phantoms import write_synthetic_federation
 
@@ -74,3 +75,15 @@ def test_weights_of_another_model_are_refused(site_dir: Path) -> None:
     t = trainer(site_dir)
     with pytest.raises(ValueError, match="same model settings"):
         t.train({"foo": np.zeros(1)}, TrainPlan(local_steps=1))
+
+
+def test_weight_decay_shrinks_weights_and_travels_in_the_round_config(site_dir: Path) -> None:
+    t = trainer(site_dir)
+    start = t.weights()
+    plain = t.train(start, TrainPlan(local_steps=3, batch_size=4, learning_rate=0.01))
+    decayed = t.train(start, TrainPlan(local_steps=3, batch_size=4, learning_rate=0.01,
+                                       weight_decay=5.0))
+    norm = lambda w: float(sum(np.sum(v ** 2) for v in w.values()))  # noqa: E731
+    assert norm(decayed.weights) < norm(plain.weights)
+    sent = RunConfig.from_user_config({"weight-decay": 0.01}).round_config(1)
+    assert sent["weight-decay"] == 0.01 and TrainPlan.from_config(sent).weight_decay == 0.01
