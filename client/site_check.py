@@ -1,7 +1,9 @@
 """``fedseg site check``: what hospital IT runs before joining a federation.
 
 Reads every case through the same data contract the trainer uses and reports
-what it found, without sending anything anywhere.
+what it found, without sending anything anywhere. Given the daemon's node config,
+it also reads the site's state folder (privacy ledger and local layers) exactly
+as a training round would.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import numpy as np
 from client.config import SiteConfig
 from client.data_contract import discover_cases, load_case, split_cases
 from client.imaging import read_image
+from client.privacy_ledger import PrivacyLedger
+from client.site_state import read_local_layers
 from shared.errors import DataError, FedsegError
+from shared.privacy import Mechanism
 
 
 @dataclass(frozen=True)
@@ -88,3 +93,33 @@ def read_site_config(path: Path) -> SiteConfig:
         return SiteConfig.from_node_config(values)
     except FedsegError as exc:
         raise FedsegError(f"{path}: {exc}") from None
+
+
+def check_state_dir(state_dir: Path, delta: float, accountant: Mechanism) -> list[str]:
+    """Read the site's privacy ledger and local layers; return one summary line each.
+
+    A missing folder or file is a site that has not trained yet, not a problem.
+    No lock is taken: the ledger is only ever replaced whole (atomic rename), so
+    this reads the old ledger or the new one.
+
+    Raises
+    ------
+    DataError
+        "damaged ledger" or "damaged local layers", as a training round would stop
+        with; or ``state_dir`` is not a folder.
+    """
+    if state_dir.exists() and not state_dir.is_dir():
+        raise DataError(state_dir, "state-dir is not a folder",
+                        "set state-dir in the node config to this site's state folder")
+    ledger = PrivacyLedger.load(state_dir)
+    if ledger.history:
+        steps = sum(k for _, _, k in ledger.history)
+        epsilon = ledger.epsilon(delta, accountant)
+        ledger_line = (f"privacy ledger ok: {len(ledger.rounds)} rounds, {steps} steps, "
+                       f"epsilon {epsilon:.3f} at delta {delta:g} ({accountant})")
+    else:
+        ledger_line = "privacy ledger: no DP steps yet"
+    layers = read_local_layers(state_dir)
+    layers_line = ("local layers: none yet" if layers is None else
+                   f"local layers ok: adaptation '{layers[0]}', {len(layers[1])} tensors")
+    return [ledger_line, layers_line]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from shared.weights import NDArrays, numpy_to_state, state_to_numpy
 
 FORMAT = "fedseg-local-layers/1"
 FILE_NAME = "local-layers.pt"
+# Unlike the privacy ledger, losing these layers costs only accuracy, never privacy.
+_FIX = "move it aside to start the site's local layers afresh"
 
 
 def load_local_layers(state_dir: Path, adaptation: str,
@@ -22,26 +25,51 @@ def load_local_layers(state_dir: Path, adaptation: str,
     Raises
     ------
     DataError
-        The file is unreadable, or was written for another adaptation mode or model.
+        The file is damaged (see :func:`read_local_layers`), or was written for
+        another adaptation mode or model.
     """
-    path = state_dir / FILE_NAME
-    if not path.exists():
+    saved = read_local_layers(state_dir)
+    if saved is None:
         return None
-    fix = "move it aside to start the site's local layers afresh"
-    try:
-        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise DataError(path, f"cannot be read ({type(exc).__name__})", fix) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise DataError(path, "is not a fedseg local-layers file", fix)
-    if payload.get("adaptation") != adaptation:
-        raise DataError(path, f"holds layers for adaptation '{payload.get('adaptation')}', "
-                        f"this run uses '{adaptation}'", fix)
-    weights = state_to_numpy(payload["weights"])
+    path = state_dir / FILE_NAME
+    saved_adaptation, weights = saved
+    if saved_adaptation != adaptation:
+        raise DataError(path, f"holds layers for adaptation '{saved_adaptation}', "
+                        f"this run uses '{adaptation}'", _FIX)
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     if shapes != expected:
-        raise DataError(path, "does not match this run's model", fix)
+        raise DataError(path, "does not match this run's model", _FIX)
     return weights
+
+
+def read_local_layers(state_dir: Path) -> tuple[str, NDArrays] | None:
+    """Return the adaptation mode and weights saved in ``state_dir``, or ``None`` if none.
+
+    Checks only that the file is one :func:`save_local_layers` wrote; whether its
+    shapes fit the model is up to :func:`load_local_layers`.
+
+    Raises
+    ------
+    DataError
+        "damaged local layers": not a readable file, or not a fedseg local-layers file.
+    """
+    path = state_dir / FILE_NAME
+    if not os.path.lexists(path):
+        return None
+    if not path.is_file():
+        raise DataError(path, "damaged local layers: not a file", _FIX)
+    try:
+        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise DataError(path, f"damaged local layers: cannot be read ({type(exc).__name__})",
+                        _FIX) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DataError(path, "damaged local layers: not a fedseg local-layers file", _FIX)
+    adaptation, weights = payload.get("adaptation"), payload.get("weights")
+    if not isinstance(adaptation, str) or not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise DataError(path, "damaged local layers: no adaptation mode or weights", _FIX)
+    return adaptation, state_to_numpy(weights)
 
 
 def save_local_layers(state_dir: Path, adaptation: str, weights: NDArrays) -> None:

@@ -296,9 +296,18 @@ class SiteTrainer:
     def _train_private(self, loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
                        plan: TrainPlan, privacy: PrivacySettings) -> TrainResult:
         """DP-SGD with Opacus: Poisson-sampled cases, per-case clipping, Gaussian noise."""
+        # Locked from reading the spent epsilon until this round's steps are saved:
+        # two rounds at once would otherwise both start from the old spending and the
+        # later save would drop the other's steps.
+        with PrivacyLedger.locked(self.site.state_dir) as ledger:
+            return self._train_private_locked(ledger, loader, plan, privacy)
+
+    def _train_private_locked(self, ledger: PrivacyLedger,
+                              loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
+                              plan: TrainPlan, privacy: PrivacySettings) -> TrainResult:
+        """Run the DP round itself; the caller holds the ledger's lock."""
         from opacus import PrivacyEngine
 
-        ledger = PrivacyLedger.load(self.site.state_dir)
         rate = sample_rate(plan.batch_size, self.num_train_cases)
         steps = self.steps_for(plan)
         noise = privacy.noise_multiplier

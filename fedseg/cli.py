@@ -57,12 +57,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _site_check(args: argparse.Namespace) -> int:
-    from client.site_check import check_site, format_reports, read_site_config
+    from client.site_check import check_site, check_state_dir, format_reports, read_site_config
     from simulations.simulate import probe_layout
 
-    if args.config is not None:
-        # The daemon's own node config: check exactly what the SuperNode will use.
-        site = read_site_config(args.config)
+    # The daemon's own node config: check exactly what the SuperNode will use.
+    site = read_site_config(args.config) if args.config is not None else None
+    if site is not None:
         data, val_fraction, pattern = site.data_path, site.val_fraction, site.patient_pattern
         print(f"site '{site.site_name}': data {data}, state {site.state_dir}, "
               f"device {site.device}, DP-SGD {'on' if site.privacy.enabled else 'off'}")
@@ -73,7 +73,18 @@ def _site_check(args: argparse.Namespace) -> int:
                          args.dims or dims, val_fraction, pattern)
     for line in format_reports(reports):
         print(line)
-    return 1 if any(r.problem for r in reports) else 0
+    bad = any(r.problem for r in reports)
+    if site is not None:
+        # A damaged state folder is a problem found at this site, like a bad case:
+        # exit 1 after the case table, so IT sees every problem in one run.
+        try:
+            for line in check_state_dir(site.state_dir, site.privacy.delta,
+                                        site.privacy.accountant):
+                print(line)
+        except FedsegError as exc:
+            print(f"fedseg: error: {exc}", file=sys.stderr)
+            return 1
+    return 1 if bad else 0
 
 
 def _site_keygen(args: argparse.Namespace) -> int:
@@ -145,12 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = site_verbs.add_parser(
         "check", help="read every case through the data contract; nothing leaves this machine",
         description="Prints one line per case (patient, split, shape, spacing, label values, "
-                    "problem) and exits 1 if any case has a problem.")
+                    "problem) and exits 1 if any case has a problem, or, with --config, "
+                    "if the site's privacy ledger or local layers are damaged.")
     source = check.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="the site's data folder")
     source.add_argument("--config", type=Path,
                         help="the SuperNode's node-config TOML (e.g. /etc/fedseg/site.toml): "
-                             "validates it and checks its data-path")
+                             "validates it and checks its data-path and state-dir "
+                             "(privacy ledger, local layers)")
     check.add_argument("--in-channels", type=int, default=0,
                        help="channels the model expects (default: as the images are)")
     check.add_argument("--num-classes", type=int, default=2)
