@@ -27,12 +27,24 @@ from typing import Any
 import numpy as np
 
 from client.config import patient_pattern_problem
-from client.imaging import SUFFIX_LIST, ImageFile, is_image_file, read_image, strip_suffix
+from client.imaging import (
+    SUFFIX_LIST,
+    SUFFIXES,
+    ImageFile,
+    is_image_file,
+    read_image,
+    strip_suffix,
+    unreadable_link,
+)
 from client.transforms import (
     label_to_single_channel,
     labels_to_classes,
     match_channels,
     normalize_intensity,
+    refuse_compression_traces,
+    refuse_copy_of_image,
+    refuse_image_like_label,
+    refuse_lossy_label,
     to_channel_first,
 )
 from shared.errors import DataError
@@ -209,6 +221,12 @@ def _from_dataset_json(site_dir: Path, json_path: Path) -> list[_Triple]:
             if not isinstance(value, str) or not value.strip():
                 raise DataError(json_path, f"{where} has no {key!r} path", _JSON_FIX)
             path = site_dir / value.strip()
+            link = unreadable_link(path)
+            if link:
+                raise DataError(
+                    path, f"{link} but is the {key} of {where} in {json_path.name}",
+                    "point the link at the real file or replace it by the file",
+                )
             if not path.is_file():
                 raise DataError(
                     path,
@@ -231,12 +249,15 @@ def _from_dataset_json(site_dir: Path, json_path: Path) -> list[_Triple]:
 def _from_folders(site_dir: Path) -> list[_Triple]:
     images_dir = site_dir / IMAGES_DIR
     labels_dir = site_dir / LABELS_DIR
+    for folder in (images_dir, labels_dir):
+        _refuse_unreadable_link(folder)
     if not images_dir.is_dir():
         problem = f"site folder contains no cases: no {IMAGES_DIR}/ and no {DATASET_JSON}"
         raise DataError(site_dir, problem, _LAYOUT)
     labels: dict[str, Path] = {}
     if labels_dir.is_dir():
         for path in sorted(labels_dir.iterdir()):
+            _refuse_unreadable_link(path)
             if not is_image_file(path):
                 continue
             stem = strip_suffix(path.name)
@@ -248,6 +269,7 @@ def _from_folders(site_dir: Path) -> list[_Triple]:
             labels[stem] = path
     triples: list[_Triple] = []
     for image in sorted(images_dir.iterdir()):
+        _refuse_unreadable_link(image)
         if not is_image_file(image):
             continue
         stem = strip_suffix(image.name)
@@ -265,6 +287,21 @@ def _from_folders(site_dir: Path) -> list[_Triple]:
             )
         triples.append((case_id, image, label, None))
     return triples
+
+
+def _refuse_unreadable_link(path: Path) -> None:
+    """Name a dangling or looping link instead of skipping it as "not a file".
+
+    Only names that would be read (visible, image suffix, or the two folders) are
+    checked, so an unrelated broken link beside the data does not stop a site.
+    """
+    name = path.name
+    relevant = name in (IMAGES_DIR, LABELS_DIR) or (
+        not name.startswith(".") and name.lower().endswith(SUFFIXES)
+    )
+    problem = unreadable_link(path) if relevant else ""
+    if problem:
+        raise DataError(path, problem, "point the link at the real file or remove it")
 
 
 def split_cases(
@@ -353,9 +390,30 @@ def _image_channel_first(
                 f"contains {bad} NaN or infinite value(s)",
                 "replace them (for example with 0) or remove the case",
             )
+    _refuse_undeclared_series(source, path, in_channels)
     image_cf = to_channel_first(array, spatial_dims, path)
     image_cf = match_channels(image_cf, in_channels, path)
     return normalize_intensity(image_cf)
+
+
+def _refuse_undeclared_series(source: ImageFile, path: Path, in_channels: int) -> None:
+    """Refuse a 4D NIfTI whose 4th axis the model was not told to take as channels.
+
+    NIfTI's 4th axis is time (components sit on the 5th), so ``X x Y x Z x 3``
+    may be three time points; read as channels they would be averaged like RGB.
+    Only ``in-channels`` equal to that axis says they are channels.
+    """
+    shape = source.array.shape
+    if source.fmt != "nifti" or len(shape) != 4 or shape[3] == 1 or shape[3] == in_channels:
+        return
+    count = shape[3]
+    raise DataError(
+        path,
+        f"is a 4D series of {count} volumes (shape {shape}) but the model takes in-channels "
+        f"= {in_channels}, so they would be averaged as if they were colours",
+        f"if the {count} volumes are channels (e.g. MRI sequences) set in-channels = {count}; "
+        "if they are time points, store one volume per case",
+    )
 
 
 def _check_args(in_channels: int, spatial_dims: int, num_classes: int = 2) -> None:
@@ -418,6 +476,8 @@ def load_case(ref: CaseRef, in_channels: int, num_classes: int, spatial_dims: in
     _check_args(in_channels, spatial_dims, num_classes)
     image_cf, source = load_image_for_inference(ref.image, in_channels, spatial_dims)
     label_file = read_image(ref.label)
+    refuse_lossy_label(label_file.fmt, ref.label)
+    refuse_copy_of_image(label_file.array, source.array, ref.label, ref.image.name)
     spatial = image_cf.shape[1:]
     label_rank = _spatial_rank(label_file)
     if label_rank != spatial_dims:
@@ -426,6 +486,8 @@ def load_case(ref: CaseRef, in_channels: int, num_classes: int, spatial_dims: in
     if label_cf.shape[1:] != spatial:
         raise _shape_mismatch(ref, label_cf.shape[1:], spatial)
     label = label_to_single_channel(label_cf, ref.label)
+    refuse_image_like_label(label, image_cf, ref.label, ref.image.name)
+    refuse_compression_traces(label, num_classes, ref.label)
     classes = labels_to_classes(label, num_classes, ref.label)
     return LoadedCase(
         case_id=ref.case_id,

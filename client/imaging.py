@@ -11,11 +11,13 @@ writes in the same orientation, so reading a written mask gives back the array.
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -112,6 +114,27 @@ def mask_name(image_name: str) -> str:
     return strip_suffix(image_name) + keep
 
 
+def unreadable_link(path: Path) -> str:
+    """Return why ``path`` is a symbolic link that cannot be followed, or ``""``.
+
+    A dangling link or a link loop looks like "no file" to :meth:`Path.is_file`,
+    so a folder listing would drop such a case without a word; callers use this
+    to name it instead.
+    """
+    if not path.is_symlink():
+        return ""
+    try:
+        path.resolve(strict=True)
+        os.stat(path)
+    except (RuntimeError, OSError) as exc:
+        target = os.readlink(path)
+        # Python 3.11 raises RuntimeError for a loop on resolve(); stat() gives ELOOP.
+        if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+            return f"is a symbolic link to {target} that loops back on itself"
+        return f"is a symbolic link to {target}, which does not exist"
+    return ""
+
+
 def _one_line(exc: BaseException, path: Path) -> str:
     text = " ".join(str(exc).replace(str(path), path.name).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -141,6 +164,9 @@ def read_image(path: Path) -> ImageFile:
     suffix = _suffix(path.name)
     if not suffix:
         raise DataError(path, "is not a supported image file", _SUPPORTED)
+    link = unreadable_link(path)
+    if link:
+        raise DataError(path, link, "point the link at the real file or replace it by the file")
     if not path.exists():
         raise DataError(path, "does not exist", "check the path or add the file")
     if not path.is_file():
@@ -176,6 +202,7 @@ def _read_picture(path: Path, fmt: str) -> ImageFile:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
+            _refuse_alpha_only(img, path)
             if mode in _PIL_CONVERT:
                 converted = img.convert(_PIL_CONVERT[mode])
             elif mode in _PIL_KEEP:
@@ -194,6 +221,32 @@ def _read_picture(path: Path, fmt: str) -> ImageFile:
         spacing=(1.0, 1.0),
         fmt=fmt,
         header=None,
+    )
+
+
+def _refuse_alpha_only(img: Image.Image, path: Path) -> None:
+    """Refuse a picture whose only content is its alpha channel.
+
+    Reading drops alpha (grey and colour are what a model sees and what a label
+    holds), so a mask painted as transparency would read as a constant, empty
+    label and train the network towards Dice 0.
+    """
+    bands = img.getbands()
+    if "A" not in bands or len(bands) < 2:
+        return
+    # A multi-band image gives one (min, max) pair per band.
+    extrema = cast(tuple[tuple[float, float], ...], img.getextrema())
+    per_band = dict(zip(bands, extrema, strict=True))
+    low, high = per_band.pop("A")
+    if low == high or any(lo != hi for lo, hi in per_band.values()):
+        return
+    value = next(iter(per_band.values()))[0]
+    raise DataError(
+        path,
+        f"keeps its content in the alpha (transparency) channel while its "
+        f"{'/'.join(per_band)} channel(s) are all {value}, so it would read as empty",
+        "save the mask as a single-channel greyscale PNG, e.g. "
+        "Image.open(f).getchannel('A').save(f)",
     )
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from client.config import SiteConfig
 from client.data_contract import discover_cases, load_case, split_cases
 from client.imaging import read_image
+from client.label_checks import binary_values_problem, format_values, label_values
 from client.privacy_ledger import PrivacyLedger
 from client.site_state import read_local_layers
 from shared.errors import DataError, FedsegError
@@ -37,7 +36,12 @@ class CaseReport:
 
 def check_site(data: Path, in_channels: int, num_classes: int, spatial_dims: int,
                val_fraction: float = 0.2, patient_pattern: str = "") -> list[CaseReport]:
-    """Return one report per case; folder-level problems raise :class:`DataError`."""
+    """Return one report per case; folder-level problems raise :class:`DataError`.
+
+    Each case goes through the trainer's ``load_case`` (which refuses what would
+    silently corrupt training) and then :mod:`client.label_checks` (label values
+    a binary task would merge).
+    """
     refs = discover_cases(data, patient_pattern)
     try:
         _, val = split_cases(refs, val_fraction)
@@ -48,14 +52,14 @@ def check_site(data: Path, in_channels: int, num_classes: int, spatial_dims: int
     for ref in refs:
         split = "val" if ref.case_id in val_ids else "train"
         try:
-            raw = read_image(ref.label)
-            values = np.unique(np.asarray(raw.array))
-            label_values = ",".join(str(v) for v in values[:6]) + ("…" if values.size > 6 else "")
             case = load_case(ref, in_channels, num_classes, spatial_dims)
+            values = label_values(read_image(ref.label), spatial_dims, ref.label)
             spacing = "x".join(f"{s:g}" for s in case.source.spacing)
             shape = "x".join(str(s) for s in case.image.shape[1:])
+            problem = binary_values_problem(values, num_classes)
             reports.append(CaseReport(ref.case_id, ref.patient_id, split, shape, spacing,
-                                      label_values))
+                                      format_values(values),
+                                      f"{ref.label}: {problem}" if problem else ""))
         except DataError as exc:
             reports.append(CaseReport(ref.case_id, ref.patient_id, split, "-", "-", "-",
                                       str(exc)))

@@ -228,3 +228,143 @@ def labels_to_classes(label: np.ndarray, num_classes: int, path: Path) -> np.nda
             f"set num-classes to at least {int(high) + 1} or fix the label",
         )
     return label.astype(np.int64)
+
+
+# A mask holds a handful of values; even an anti-aliased or soft one keeps most
+# pixels at its two ends. These bounds separate that from a picture.
+IMAGE_LIKE_VALUES = 32
+"""More distinct values than this make a label a candidate for "looks like an image"."""
+IMAGE_LIKE_CORRELATION = 0.9
+"""|Pearson r| with the image above which a many-valued label is taken for the image."""
+IMAGE_LIKE_MID_FRACTION = 0.5
+"""Share of pixels in the middle 80 % of the value range above which a label is a picture."""
+_LABEL_FIX = "point the label at the segmentation mask (class indices, 0/1 or 0/255)"
+
+
+def refuse_lossy_label(fmt: str, path: Path) -> None:
+    """Refuse a label stored as JPEG.
+
+    JPEG compression adds grey values around every edge; ``label > 0`` then turns
+    them into foreground (about half the pixels of a thin-vessel mask).
+
+    Raises
+    ------
+    DataError
+        ``fmt`` is ``"jpeg"``.
+
+    """
+    if fmt == "jpeg":
+        raise DataError(
+            path,
+            "is a JPEG label: lossy compression adds stray grey values around every edge and "
+            "binarising would make them false foreground",
+            "save the mask losslessly as PNG or NIfTI",
+        )
+
+
+def refuse_copy_of_image(label: np.ndarray, image: np.ndarray, path: Path,
+                         image_name: str) -> None:
+    """Refuse a label whose voxels equal its image's, as read from disk.
+
+    Raises
+    ------
+    DataError
+        ``label`` and ``image`` have the same shape and values.
+
+    """
+    if label.shape == image.shape and np.array_equal(label, image):
+        raise DataError(path, f"is identical to its image {image_name}, not a mask", _LABEL_FIX)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    a = a - a.mean()
+    b = b - b.mean()
+    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / denominator if denominator > 0 else 0.0
+
+
+def refuse_image_like_label(label: np.ndarray, image_cf: np.ndarray, path: Path,
+                            image_name: str) -> None:
+    """Refuse a single-channel label that is a picture rather than a mask.
+
+    A label with more than :data:`IMAGE_LIKE_VALUES` distinct values is refused
+    when it correlates with its image (``|r| >`` :data:`IMAGE_LIKE_CORRELATION`)
+    or when most of its pixels lie between background and foreground. Binary,
+    class-index and soft masks (most pixels at either end) pass.
+
+    Parameters
+    ----------
+    label : numpy.ndarray
+        ``(*spatial)`` label values as stored.
+    image_cf : numpy.ndarray
+        ``(C, *spatial)`` image of the same case.
+    path : pathlib.Path
+        The label's file, named in errors.
+    image_name : str
+        The image's file name, named in errors.
+
+    Raises
+    ------
+    DataError
+        The label looks like an image.
+
+    """
+    if not np.issubdtype(label.dtype, np.number) or label.shape != image_cf.shape[1:]:
+        return
+    values, counts = np.unique(label, return_counts=True)
+    if values.size <= IMAGE_LIKE_VALUES:
+        return
+    low, high = float(values[0]), float(values[-1])
+    margin = 0.1 * (high - low)
+    middle = (values > low + margin) & (values < high - margin)
+    mid_fraction = float(counts[middle].sum()) / label.size
+    r = _pearson(label, image_cf.mean(axis=0))
+    if abs(r) > IMAGE_LIKE_CORRELATION or mid_fraction > IMAGE_LIKE_MID_FRACTION:
+        raise DataError(
+            path,
+            f"looks like an image, not a mask: {values.size} distinct values, "
+            f"{mid_fraction:.0%} of pixels between background and foreground, correlation "
+            f"{r:+.2f} with its image {image_name}",
+            _LABEL_FIX,
+        )
+
+
+def refuse_compression_traces(label: np.ndarray, num_classes: int, path: Path) -> None:
+    """Refuse a binary-task label whose extra grey values hug its two ends.
+
+    That is what a mask once saved as JPEG looks like, even after conversion to
+    PNG; binarising by ``label > 0`` would make the values near 0 foreground. An
+    anti-aliased mask spreads its few edge values over the whole range instead.
+    Non-integer (soft) masks are thresholded at half their maximum and are not
+    affected, so they pass.
+
+    Raises
+    ------
+    DataError
+        ``num_classes`` is 2 and at least 4 distinct integer values lie within 10 %
+        of the minimum or maximum, on more pixels than the values between.
+
+    """
+    if num_classes != 2 or not np.issubdtype(label.dtype, np.number) or label.size == 0:
+        return
+    values, counts = np.unique(label, return_counts=True)
+    if values.size < 6 or not np.all(values == np.round(values)):
+        return
+    low, high = values[0], values[-1]
+    margin = 0.1 * (high - low)
+    inner = (values > low) & (values < high)
+    near = inner & ((values <= low + margin) | (values >= high - margin))
+    if np.count_nonzero(near) < 4 or counts[near].sum() <= counts[inner & ~near].sum():
+        return
+    shown = ", ".join(f"{v:g}" for v in values[near][[0, 1, -2, -1]])
+    threshold = f"{np.ceil((float(low) + float(high)) / 2):g}"
+    raise DataError(
+        path,
+        f"label has {int(np.count_nonzero(inner))} grey values between {low:g} and {high:g}, "
+        f"most near either end (e.g. {shown}): the trace of JPEG compression, which "
+        "binarising would turn into false foreground",
+        f"export the mask again losslessly (PNG or NIfTI), or set values >= {threshold} to 1 "
+        "and the rest to 0",
+    )

@@ -7,6 +7,7 @@ an error in one verb's input never needs the others' dependencies.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,15 +18,38 @@ from shared.errors import FedsegError
 EXIT_BAD_INPUT = 2
 
 
+_RUN_CONFIG_EXAMPLE = "use e.g. --run-config \"num-server-rounds=5 strategy='fedprox'\""
+# Flower's own KEY=VALUE pattern; whatever it does not match it drops without a word.
+_KEY_VALUE = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def _refuse_unparsed(text: list[str]) -> None:
+    """Name the first part of ``--run-config`` that Flower's parser would skip.
+
+    ``num-server-rounds=`` (empty value) or a lone ``num-server-rounds`` would
+    otherwise vanish and the run would go ahead with the default.
+    """
+    if len(text) == 1 and text[0].endswith(".toml"):
+        return
+    for line in text:
+        for token in _KEY_VALUE.sub(" ", line).split():
+            if token.endswith("="):
+                key = token.rstrip("=")
+                raise FedsegError(f"--run-config key '{key}': has an empty value; give it a value, "
+                                  f"e.g. {key}=VALUE, or leave the key out")
+            raise FedsegError(f"--run-config: '{token}' is not KEY=VALUE; "
+                              f"{_RUN_CONFIG_EXAMPLE}")
+
+
 def _parse_overrides(text: list[str] | None) -> dict[str, Any]:
     from flwr.common.config import parse_config_args
 
+    _refuse_unparsed(text or [])
     try:
         return parse_config_args(text)
     except Exception as exc:  # flwr raises click/TOML errors with their own wording
         raise FedsegError(
-            f"--run-config: {getattr(exc, 'message', exc)}; use e.g. "
-            "--run-config \"num-server-rounds=5 strategy='fedprox'\""
+            f"--run-config: {getattr(exc, 'message', exc)}; {_RUN_CONFIG_EXAMPLE}"
         ) from None
 
 

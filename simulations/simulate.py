@@ -79,13 +79,18 @@ def find_site_folders(data: Path) -> list[Path]:
 
 
 def probe_layout(site: Path) -> tuple[int, int]:
-    """Return (spatial dimensions, channels) of the first image of ``site``."""
+    """Return (spatial dimensions, channels) of the first image of ``site``.
+
+    A NIfTI's 4th axis is never taken for channels here: it may hold time points,
+    and only an explicit ``in-channels`` says they are channels (the data contract
+    refuses the series otherwise, with that fix).
+    """
     image = read_image(discover_cases(site)[0].image)
     spatial = image.array.ndim
     channels = 1
     if image.fmt == "nifti":
         if spatial == 4:
-            spatial, channels = 3, image.array.shape[-1]
+            spatial = 3
     elif spatial == 3:
         spatial, channels = 2, min(image.array.shape[-1], 3)
     return spatial, channels

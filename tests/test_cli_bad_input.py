@@ -106,3 +106,19 @@ def test_bad_run_config_override(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, err = run(["simulate", "--data", str(tmp_path / "data"), "--output", str(out),
                      "--run-config", "strategy='fedsgd'"], capsys)
     assert_clean_failure(code, err, "strategy", out)
+
+
+def test_empty_run_config_value_is_named(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # Flower's parser drops "num-server-rounds=" silently; the run would use the default.
+    good_png_site(tmp_path / "data", "a")
+    out = tmp_path / "runs"
+    code, err = run(["simulate", "--data", str(tmp_path / "data"), "--output", str(out),
+                     "--run-config", "local-steps=2 num-server-rounds="], capsys)
+    assert_clean_failure(code, err, "num-server-rounds", out)
+    assert err.strip() == ("fedseg: error: --run-config key 'num-server-rounds': has an empty "
+                           "value; give it a value, e.g. num-server-rounds=VALUE, or leave the "
+                           "key out")
+    code, err = run(["simulate", "--data", str(tmp_path / "data"), "--output", str(out),
+                     "--run-config", "num-server-rounds 5"], capsys)
+    assert_clean_failure(code, err, "'num-server-rounds' is not KEY=VALUE", out)
