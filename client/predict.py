@@ -22,7 +22,6 @@ from client.site_state import FILE_NAME as LOCAL_LAYERS
 from client.site_state import load_local_layers
 from client.trainer import resolve_device
 from shared.checkpoint import Checkpoint
-from shared.config import ModelSpec
 from shared.errors import DataError
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
@@ -153,7 +152,37 @@ def list_images(input_dir: Path) -> list[Path]:
     return images
 
 
-def _load_network(model: Path, site_state: Path | None) -> tuple[nn.Module, ModelSpec]:
+@dataclass(frozen=True)
+class SiteNetwork:
+    """The network a site applies: global shared weights plus the site's own layers.
+
+    Attributes
+    ----------
+    net : torch.nn.Module
+        The assembled network on the CPU.
+    checkpoint : Checkpoint
+        The global model it was built from.
+    local_names : frozenset of str
+        Names of the site-local parameters (empty without adaptation); when not
+        empty they hold the site's layers read from its state folder.
+    """
+
+    net: nn.Module
+    checkpoint: Checkpoint
+    local_names: frozenset[str]
+
+
+def load_site_network(model: Path, site_state: Path | None) -> SiteNetwork:
+    """Build the network of ``model`` with the site's own layers from ``site_state``.
+
+    Raises
+    ------
+    DataError
+        The checkpoint is unreadable, does not fit its own model settings or holds
+        NaN/infinite weights, or the model has site-local layers and ``site_state``
+        is missing or holds none that fit and are finite. ``site_state`` is ignored
+        for a model without local layers.
+    """
     checkpoint = Checkpoint.load(model)
     spec = checkpoint.spec
     net = build_network(spec)
@@ -177,7 +206,7 @@ def _load_network(model: Path, site_state: Path | None) -> tuple[nn.Module, Mode
                             "pass the state folder this site trained with")
         check_finite(local, site_state / LOCAL_LAYERS)
         net.load_state_dict(numpy_to_state(local), strict=False)
-    return net, spec
+    return SiteNetwork(net, checkpoint, local_names)
 
 
 def predict_folder(model: Path, input_dir: Path, output_dir: Path,
@@ -198,7 +227,8 @@ def predict_folder(model: Path, input_dir: Path, output_dir: Path,
     images = list_images(input_dir)
     check_output_folder(input_dir, output_dir)
     check_mask_names(images, output_dir)
-    net, spec = _load_network(model, site_state)
+    site_net = load_site_network(model, site_state)
+    net, spec = site_net.net, site_net.checkpoint.spec
     torch_device = resolve_device(device)
     net.to(torch_device)
     try:
