@@ -148,6 +148,19 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fedseg.export import ExportRequest, export_model
+
+    result = export_model(ExportRequest(args.model, args.output, args.format, args.site_state,
+                                        args.force))
+    size_mb = result.model.stat().st_size / 1e6
+    print(f"model    {result.model}  ({args.format}, {size_mb:.1f} MB, "
+          f"sha256 {result.contract['sha256'][:16]}…)")
+    print(f"contract {result.contract_path}")
+    print(f"checked  max |logit difference| vs PyTorch {result.max_abs_diff:.1e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``fedseg`` command."""
     parser = argparse.ArgumentParser(
@@ -238,6 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--output", type=Path, required=True, help="folder for the masks")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pred.set_defaults(func=_predict)
+
+    export = verbs.add_parser(
+        "export", help="write a global model plus this site's own layers as one TorchScript "
+                       "or ONNX file",
+        description="Builds the network as 'fedseg predict' does, exports it, checks it "
+                    "reproduces PyTorch's logits, and writes OUTPUT.json beside it with the "
+                    "input contract (channels, patch size, normalisation, output).")
+    export.add_argument("--model", type=Path, required=True, help="final_model.pt of a run")
+    export.add_argument("--site-state", type=Path, default=None,
+                        help="the site's state folder; its local layers are folded in "
+                             "(needed when the run used adaptation)")
+    # Checked by fedseg.export rather than argparse choices, so a typo gets the usual
+    # one-line error.
+    export.add_argument("--format", required=True, metavar="{torchscript,onnx}",
+                        help="torchscript (torch.jit.load) or onnx (ONNX Runtime)")
+    export.add_argument("--output", type=Path, required=True,
+                        help="file to write, e.g. site-model.onnx")
+    export.add_argument("--force", action="store_true",
+                        help="replace an existing OUTPUT and OUTPUT.json")
+    export.set_defaults(func=_export)
     return parser
 
 
