@@ -31,7 +31,7 @@ from simulations.simulate import (
     SYNTHETIC_2D,
     SimulationRequest,
     find_site_folders,
-    infer_data_settings,
+    plan_sites,
     run_simulation,
 )
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         write_synthetic_federation(args.data, 3, 24)
         presets = dict(SYNTHETIC_2D)
     else:
-        presets = infer_data_settings(find_site_folders(args.data)[0])
+        presets = plan_sites(find_site_folders(args.data)).to_run_config()
     folders = find_site_folders(args.data)
     overrides = {**presets, "num-server-rounds": args.rounds, "local-steps": args.local_steps}
     config = RunConfig.from_user_config(overrides)

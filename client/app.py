@@ -18,6 +18,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.config import SiteConfig
+from client.fingerprint import fingerprint_site
 from client.trainer import SiteTrainer, TrainResult
 from shared import protocol as p
 from shared.config import ModelSpec, TrainPlan
@@ -116,7 +117,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
     Returns
     -------
     flwr.clientapp.ClientApp
-        An app answering ``train`` and ``evaluate`` messages.
+        An app answering ``train``, ``evaluate`` and ``query.fingerprint`` messages.
     """
     app = ClientApp()
     cache = TrainerCache()
@@ -135,6 +136,17 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
             log.warning("site %s refused round %d: %s", site.site_name, plan.server_round,
                         result.refused)
         return train_reply(msg, site, result, plan.uniform_weights)
+
+    @app.query("fingerprint")
+    def fingerprint(msg: Message, context: Context) -> Message:
+        # Only the declared aggregate numbers leave: no case names, paths or values.
+        site = resolve_site(context)
+        record = fingerprint_site(site).to_record()
+        content = RecordDict({
+            p.FINGERPRINT: MetricRecord(dict(record)),
+            p.SITE: ConfigRecord({p.SITE_NAME: site.site_name}),
+        })
+        return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

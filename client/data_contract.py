@@ -40,7 +40,6 @@ from client.transforms import (
     label_to_single_channel,
     labels_to_classes,
     match_channels,
-    normalize_intensity,
     refuse_compression_traces,
     refuse_copy_of_image,
     refuse_image_like_label,
@@ -48,6 +47,7 @@ from client.transforms import (
     to_channel_first,
 )
 from shared.errors import DataError
+from shared.normalization import normalize
 
 DATASET_JSON = "dataset.json"
 IMAGES_DIR = "imagesTr"
@@ -370,7 +370,8 @@ def _spatial_rank(image: ImageFile) -> int:
 
 
 def _image_channel_first(
-    source: ImageFile, path: Path, in_channels: int, spatial_dims: int
+    source: ImageFile, path: Path, in_channels: int, spatial_dims: int,
+    normalization: str = "zscore",
 ) -> np.ndarray:
     rank = _spatial_rank(source)
     if rank != spatial_dims:
@@ -393,7 +394,7 @@ def _image_channel_first(
     _refuse_undeclared_series(source, path, in_channels)
     image_cf = to_channel_first(array, spatial_dims, path)
     image_cf = match_channels(image_cf, in_channels, path)
-    return normalize_intensity(image_cf)
+    return normalize(image_cf, normalization)
 
 
 def _refuse_undeclared_series(source: ImageFile, path: Path, in_channels: int) -> None:
@@ -425,9 +426,11 @@ def _check_args(in_channels: int, spatial_dims: int, num_classes: int = 2) -> No
 
 
 def load_image_for_inference(
-    path: Path, in_channels: int, spatial_dims: int
+    path: Path, in_channels: int, spatial_dims: int, normalization: str = "zscore"
 ) -> tuple[np.ndarray, ImageFile]:
     """Read and prepare one image exactly as :func:`load_case` does, without a label.
+
+    ``normalization`` names a scheme of :data:`shared.normalization.NORMALIZATIONS`.
 
     Returns
     -------
@@ -444,10 +447,11 @@ def load_image_for_inference(
     _check_args(in_channels, spatial_dims)
     path = Path(path)
     source = read_image(path)
-    return _image_channel_first(source, path, in_channels, spatial_dims), source
+    return _image_channel_first(source, path, in_channels, spatial_dims, normalization), source
 
 
-def load_case(ref: CaseRef, in_channels: int, num_classes: int, spatial_dims: int) -> LoadedCase:
+def load_case(ref: CaseRef, in_channels: int, num_classes: int, spatial_dims: int,
+              normalization: str = "zscore") -> LoadedCase:
     """Read, validate and prepare one case.
 
     Parameters
@@ -461,6 +465,8 @@ def load_case(ref: CaseRef, in_channels: int, num_classes: int, spatial_dims: in
         (see :func:`~client.transforms.labels_to_classes`).
     spatial_dims : int
         2 or 3; must match the image.
+    normalization : str
+        Intensity scheme (:data:`shared.normalization.NORMALIZATIONS`).
 
     Returns
     -------
@@ -474,7 +480,8 @@ def load_case(ref: CaseRef, in_channels: int, num_classes: int, spatial_dims: in
 
     """
     _check_args(in_channels, spatial_dims, num_classes)
-    image_cf, source = load_image_for_inference(ref.image, in_channels, spatial_dims)
+    image_cf, source = load_image_for_inference(ref.image, in_channels, spatial_dims,
+                                                normalization)
     label_file = read_image(ref.label)
     refuse_lossy_label(label_file.fmt, ref.label)
     refuse_copy_of_image(label_file.array, source.array, ref.label, ref.image.name)
@@ -507,3 +514,25 @@ def _shape_mismatch(
         f"{tuple(spatial)}",
         "a label must have exactly the size of its image",
     )
+
+
+def read_raw_case(ref: CaseRef) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Return a case as stored, for statistics: raw ``(C, *spatial)`` image, mask, spacing.
+
+    Nothing is normalised or resampled; an alpha channel is dropped. The mask is
+    ``label > 0`` of the label's single channel. Used by the data fingerprint.
+
+    Raises
+    ------
+    DataError
+        The image or label cannot be read or does not fit the contract.
+    """
+    source = read_image(ref.image)
+    rank = _spatial_rank(source)
+    raw = to_channel_first(source.array, rank, ref.image)[:3]
+    label_file = read_image(ref.label)
+    label = label_to_single_channel(to_channel_first(label_file.array, rank, ref.label),
+                                    ref.label)
+    if label.shape != raw.shape[1:]:
+        raise _shape_mismatch(ref, label.shape, raw.shape[1:])
+    return raw, np.asarray(label > 0), tuple(float(v) for v in source.spacing[:rank])

@@ -15,6 +15,7 @@ import errno
 import os
 import struct
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -171,9 +172,41 @@ def read_image(path: Path) -> ImageFile:
         raise DataError(path, "does not exist", "check the path or add the file")
     if not path.is_file():
         raise DataError(path, "is not a file", _SUPPORTED)
-    if _FORMATS[suffix] == "nifti":
-        return _read_nifti(path)
-    return _read_picture(path, _FORMATS[suffix])
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    cached = _DECODED.get(key)
+    if cached is not None:
+        _DECODED.move_to_end(key)
+        return cached
+    image = _read_nifti(path) if _FORMATS[suffix] == "nifti" else \
+        _read_picture(path, _FORMATS[suffix])
+    global DECODES
+    DECODES += 1
+    # Shared between callers: nobody may change a cached array in place.
+    image.array.flags.writeable = False
+    _remember(key, image)
+    return image
+
+
+#: Files decoded by this process so far (tests count it: a case is decoded once).
+DECODES = 0
+#: Decoded files of this process, by (real path, modification time, size): a changed
+#: file has a new key, so it is read again. Bounded, least recently used first out.
+_DECODED: OrderedDict[tuple[str, int, int], ImageFile] = OrderedDict()
+_CACHE_BYTES = 4 * 2**30
+
+
+def _remember(key: tuple[str, int, int], image: ImageFile) -> None:
+    _DECODED[key] = image
+    total = sum(item.array.nbytes for item in _DECODED.values())
+    while total > _CACHE_BYTES and len(_DECODED) > 1:
+        _, dropped = _DECODED.popitem(last=False)
+        total -= dropped.array.nbytes
+
+
+def forget_decoded() -> None:
+    """Empty this process's cache of decoded files."""
+    _DECODED.clear()
 
 
 def _read_nifti(path: Path) -> ImageFile:

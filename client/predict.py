@@ -238,8 +238,9 @@ def predict_folder(model: Path, input_dir: Path, output_dir: Path,
                         "pass a folder you can write to") from None
     written = []
     for image in images:
-        array, source = load_image_for_inference(image, spec.in_channels, spec.spatial_dims)
-        mask = predict_classes(net, array, spec.patch_size, torch_device)
+        array, source = load_image_for_inference(image, spec.in_channels, spec.spatial_dims,
+                                                 spec.normalization)
+        mask = predict_classes(net, array, spec.patch_size, torch_device, spec.resize)
         out = mask_path(image, output_dir)
         try:
             write_mask(mask, source, out, num_classes=spec.num_classes)

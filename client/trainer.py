@@ -12,17 +12,19 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from client.accounting import calibrate_noise, sample_rate
+from client.augment import PatchDataset
 from client.config import SiteConfig
 from client.data_contract import CaseRef, LoadedCase, discover_cases, load_case, split_cases
 from client.inference import predict_classes
+from client.preprocess import resize_image, resize_label
 from client.privacy_ledger import PrivacyLedger
 from client.proximal import proximal_term
 from client.site_state import load_local_layers, save_local_layers
@@ -32,6 +34,7 @@ from shared.metrics import case_dice
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
 from shared.privacy import PrivacySettings
+from shared.schedule import learning_rate
 from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -55,10 +58,21 @@ class SiteData:
 
         def load(refs: Sequence[CaseRef]) -> tuple[LoadedCase, ...]:
             return tuple(
-                load_case(r, spec.in_channels, spec.num_classes, spec.spatial_dims) for r in refs
+                load_case(r, spec.in_channels, spec.num_classes, spec.spatial_dims,
+                          spec.normalization) for r in refs
             )
 
-        return cls(train=load(train_refs), val=load(val_refs))
+        # Training cases are resampled once to the planned size; validation cases keep
+        # their own, so Dice is measured against the label as the hospital drew it.
+        train = tuple(_resized(c, spec) for c in load(train_refs))
+        return cls(train=train, val=load(val_refs))
+
+
+def _resized(case: LoadedCase, spec: ModelSpec) -> LoadedCase:
+    if not spec.resize:
+        return case
+    return replace(case, image=resize_image(case.image, spec.resize),
+                   label=resize_label(case.label, spec.resize, spec.num_classes))
 
 
 @dataclass(frozen=True)
@@ -97,66 +111,6 @@ class EvalResult:
     dice: float
     per_case: dict[str, float]
     num_examples: int
-
-
-class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """One random patch per case: the case, not the patch, is the sampling unit.
-
-    Half the patches are centred on a random foreground voxel so that small
-    structures (vessels, a left atrium) are seen often enough to learn.
-    """
-
-    def __init__(self, cases: Sequence[LoadedCase], patch_size: tuple[int, ...],
-                 rng: np.random.Generator, foreground_prob: float = 0.5,
-                 flip: bool = True) -> None:
-        self.cases = list(cases)
-        self.patch_size = patch_size
-        self.rng = rng
-        self.foreground_prob = foreground_prob
-        self.flip = flip
-        # Foreground voxel indices per case, found once instead of on every draw.
-        self._foreground: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        case = self.cases[index]
-        image, label = _pad_to(case.image, case.label, self.patch_size)
-        spatial = label.shape
-        starts = []
-        centre: np.ndarray | None = None
-        if self.rng.random() < self.foreground_prob:
-            if index not in self._foreground:
-                self._foreground[index] = np.flatnonzero(label > 0)
-            fg = self._foreground[index]
-            if fg.size:
-                centre = np.array(np.unravel_index(int(self.rng.choice(fg)), spatial))
-        for axis, (size, patch) in enumerate(zip(spatial, self.patch_size, strict=True)):
-            high = size - patch
-            if centre is not None:
-                start = int(np.clip(centre[axis] - patch // 2, 0, high))
-            else:
-                start = int(self.rng.integers(0, high + 1))
-            starts.append(start)
-        window = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size, strict=True))
-        img = image[(slice(None), *window)]
-        lab = label[window]
-        if self.flip:
-            for axis in range(len(spatial)):
-                if self.rng.random() < 0.5:
-                    img = np.flip(img, axis=axis + 1)
-                    lab = np.flip(lab, axis=axis)
-        return (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
-                torch.from_numpy(np.ascontiguousarray(lab[None], dtype=np.int64)))
-
-
-def _pad_to(image: np.ndarray, label: np.ndarray,
-            patch: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    pads = [(0, max(0, p - s)) for s, p in zip(label.shape, patch, strict=True)]
-    if not any(after for _, after in pads):
-        return image, label
-    return np.pad(image, [(0, 0), *pads]), np.pad(label, pads)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -253,8 +207,9 @@ class SiteTrainer:
         self.load_weights(global_weights)
         seed = _mix_seed(plan.seed, self.site.seed, plan.server_round)
         torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        dataset = PatchDataset(self.data.train, self.spec.patch_size, rng)
+        dataset = PatchDataset([c.image for c in self.data.train],
+                               [c.label for c in self.data.train], self.spec.patch_size, seed,
+                               whole_image=self.spec.resize == self.spec.patch_size)
         loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
         if privacy is not None:
@@ -265,7 +220,9 @@ class SiteTrainer:
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.net.train()
         losses: list[float] = []
-        for images, labels in _batches(loader, self.steps_for(plan)):
+        steps = self.steps_for(plan)
+        for step, (images, labels) in enumerate(_batches(loader, steps)):
+            _set_learning_rate(optimiser, plan, step, steps)
             images = images.to(self.device)
             labels = labels.to(self.device)
             optimiser.zero_grad(set_to_none=True)
@@ -342,6 +299,7 @@ class SiteTrainer:
         losses: list[float] = []
         taken = 0
         for images, labels in _batches(dp_loader, steps):
+            _set_learning_rate(dp_optimiser, plan, taken, steps)
             taken += 1  # an empty Poisson batch is still a sampling step to account for
             if images.shape[0] == 0:
                 continue
@@ -365,7 +323,8 @@ class SiteTrainer:
         self.load_weights(weights)
         per_case: dict[str, float] = {}
         for case in self.data.val:
-            pred = predict_classes(self.net, case.image, self.spec.patch_size, self.device)
+            pred = predict_classes(self.net, case.image, self.spec.patch_size, self.device,
+                                   self.spec.resize)
             per_case[case.case_id] = case_dice(pred, case.label, self.spec.num_classes)
         dice = float(np.mean(list(per_case.values()))) if per_case else float("nan")
         return EvalResult(dice=dice, per_case=per_case, num_examples=len(per_case))
@@ -373,7 +332,8 @@ class SiteTrainer:
     def predict(self, weights: NDArrays, image: np.ndarray) -> np.ndarray:
         """Return the class map of one channel-first, normalised image."""
         self.load_weights(weights)
-        return predict_classes(self.net, image, self.spec.patch_size, self.device)
+        return predict_classes(self.net, image, self.spec.patch_size, self.device,
+                               self.spec.resize)
 
 
 def _optimiser(params: Iterable[torch.nn.Parameter], plan: TrainPlan) -> torch.optim.Optimizer:
@@ -381,6 +341,14 @@ def _optimiser(params: Iterable[torch.nn.Parameter], plan: TrainPlan) -> torch.o
     if plan.weight_decay > 0:
         return torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
     return torch.optim.Adam(params, lr=plan.learning_rate)
+
+
+def _set_learning_rate(optimiser: torch.optim.Optimizer, plan: TrainPlan, step: int,
+                       steps: int) -> None:
+    rate = learning_rate(plan.lr_schedule, plan.learning_rate, plan.server_round, step, steps,
+                         plan.num_rounds)
+    for group in optimiser.param_groups:
+        group["lr"] = rate
 
 
 def _batches(loader: Iterable[Batch], steps: int) -> Iterator[Batch]:

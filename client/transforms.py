@@ -102,24 +102,6 @@ def match_channels(image_cf: np.ndarray, in_channels: int, path: Path) -> np.nda
     )
 
 
-def normalize_intensity(image_cf: np.ndarray) -> np.ndarray:
-    """Return a per-channel z-score normalised float32 copy.
-
-    Each channel gets zero mean and unit (population) standard deviation; a
-    constant channel becomes all zeros.
-    """
-    out = np.empty(image_cf.shape, dtype=np.float32)
-    for c in range(image_cf.shape[0]):
-        channel = image_cf[c].astype(np.float64)
-        if channel.size == 0 or channel.min() == channel.max():
-            out[c] = 0.0
-            continue
-        mean = channel.mean()
-        std = channel.std()
-        out[c] = (channel - mean) / std
-    return out
-
-
 def label_to_single_channel(label_cf: np.ndarray, path: Path) -> np.ndarray:
     """Reduce a channel-first label to its spatial class map.
 

@@ -80,6 +80,21 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from simulations.simulate import find_site_folders, plan_sites
+
+    folders = find_site_folders(args.data)
+    plan = plan_sites(folders)
+    print(f"plan for {len(folders)} site(s) in {args.data} "
+          f"({', '.join(f.name for f in folders)}), from their data fingerprints:")
+    for line in plan.reasons:
+        print(f"  {line}")
+    print("run config (any key can be overridden with --run-config):")
+    for key, value in plan.to_run_config().items():
+        print(f"  {key} = {value!r}" if isinstance(value, str) else f"  {key} = {value}")
+    return 0
+
+
 def _site_check(args: argparse.Namespace) -> int:
     from client.site_check import check_site, check_state_dir, format_reports, read_site_config
     from simulations.simulate import probe_layout
@@ -187,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-config", action="append", default=None, metavar="'KEY=VALUE ...'",
                      help="run-config overrides, same syntax as flwr run --run-config")
     sim.set_defaults(func=_simulate)
+
+    plan = verbs.add_parser(
+        "plan", help="print the training plan for a folder of sites, without training",
+        description="Compute each site's data fingerprint (aggregate numbers only) and print "
+                    "the plan the coordinator would make from them: resolution, patch, "
+                    "network, normalisation, rounds and learning-rate schedule.")
+    plan.add_argument("--data", type=Path, required=True,
+                      help="folder with one Decathlon-layout sub-folder per site, or one site")
+    plan.set_defaults(func=_plan)
 
     site = verbs.add_parser("site", help="site-side tools for hospital IT")
     site_verbs = site.add_subparsers(dest="site_verb", required=True)

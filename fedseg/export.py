@@ -45,12 +45,21 @@ OUTPUT_NAME = "logits"
 TOLERANCE = 1e-4
 
 # Written into the contract as prose, because a deployment re-implements it in its
-# own language; it must say what shared.transforms.normalize_intensity does.
-NORMALIZATION = (
-    "per-channel z-score over the whole image (not per window): for each channel c, "
-    "x_c = (x_c - mean(x_c)) / std(x_c) with the population standard deviation, computed "
-    "in float64 and cast to float32; a constant channel becomes all zeros"
-)
+# own language; each must say what its scheme in shared.normalization does.
+NORMALIZATION = {
+    "zscore": (
+        "per-channel z-score over the whole image (not per window): for each channel c, "
+        "x_c = (x_c - mean(x_c)) / std(x_c) with the population standard deviation, computed "
+        "in float64 and cast to float32; a constant channel becomes all zeros"),
+    "zscore-fov": (
+        "per-channel z-score over the field of view only: a voxel whose channel mean is at "
+        "most min + 0.05 * (p99 - min) of that channel mean is the dark frame; mean and "
+        "population standard deviation of each channel over the other voxels, computed in "
+        "float64 and cast to float32; the frame becomes 0"),
+}
+RESIZE = ("resample the normalised image to this size by area averaging before the network, "
+          "and the logits back to the image's own size (bilinear or trilinear, "
+          "align_corners=False) before the argmax")
 CHANNEL_MATCHING = (
     "images with in_channels channels are used as they are; a 1-channel image is repeated "
     "to in_channels; RGB/RGBA is averaged over R, G, B for a 1-channel model; RGBA drops "
@@ -271,7 +280,10 @@ def _contract(request: ExportRequest, site_net: SiteNetwork, diff: float) -> dic
         "input_layout": "NC" + ("HW" if spec.spatial_dims == 2 else "XYZ"),
         "input_dtype": "float32",
         "spatial_multiple_of": spec.downsampling_factor,
-        "normalization": NORMALIZATION,
+        "normalization": NORMALIZATION[spec.normalization],
+        "normalization_scheme": spec.normalization,
+        "resize": list(spec.resize) if spec.resize else None,
+        "resize_how": RESIZE if spec.resize else None,
         "channel_matching": CHANNEL_MATCHING,
         "output": OUTPUT,
         "sliding_window": {"roi_size": list(spec.patch_size), **SLIDING_WINDOW},

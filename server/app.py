@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.common.logger import log as flwr_log
@@ -10,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.config import RunConfig
 from server.federation import Reporter, RunFolder, run_federation
+from server.planning import planned_run_config
 from server.report import LineReporter
 from shared.networks import build_network, seed_everything
 from shared.partition import local_parameter_names, split_weights
@@ -33,17 +36,24 @@ def initial_weights(config: RunConfig) -> NDArrays:
 
 
 def make_server_app(config: RunConfig | None = None, run_dir: Path | None = None,
-                    reporter: Reporter | None = None) -> ServerApp:
+                    reporter: Reporter | None = None,
+                    run_config: Mapping[str, Any] | None = None,
+                    echo: Callable[[str], None] = _flower_log) -> ServerApp:
     """Build the ServerApp.
 
     Parameters
     ----------
     config : RunConfig, optional
-        Settings to use; parsed from Flower's run config when omitted.
+        Settings to use as they are (no planning round).
     run_dir : Path, optional
         Where to write the run; ``<output-dir>/run-<run id>`` when omitted.
     reporter : Reporter, optional
         Progress sink; Flower's log when omitted.
+    run_config : Mapping, optional
+        Raw run-config values to plan and parse, instead of Flower's run config,
+        when ``config`` is not given.
+    echo : callable
+        Receives the plan's lines; Flower's log by default.
 
     Returns
     -------
@@ -54,9 +64,16 @@ def make_server_app(config: RunConfig | None = None, run_dir: Path | None = None
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = config if config is not None else RunConfig.from_user_config(context.run_config)
+        plan = None
+        if config is not None:
+            cfg = config
+        else:
+            values = run_config if run_config is not None else context.run_config
+            cfg, plan = planned_run_config(grid, values, echo)
         folder = RunFolder(run_dir if run_dir is not None
                            else cfg.output_dir / f"run-{context.run_id}")
+        if plan is not None:
+            folder.save_plan(plan)
         run_federation(grid, cfg, initial_weights(cfg), folder,
                        reporter or LineReporter(_flower_log))
         flwr_log(INFO, "fedseg: final model written to %s", folder.final_model)

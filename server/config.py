@@ -42,7 +42,7 @@ class RunConfig:
     SOURCE: ClassVar[Source] = RUN_CONFIG
 
     num_server_rounds: int = integer("num-server-rounds", 8, "rounds of train → aggregate → "
-                                     "checkpoint → evaluate", minimum=1)
+                                     "checkpoint → evaluate", minimum=1, planned=True)
     strategy: str = choice("strategy", "fedavg", "aggregation strategy", choices=STRATEGIES)
     proximal_mu: float = number("proximal-mu", 0.01, "FedProx coefficient (strategy fedprox)",
                                 minimum=0.0)
@@ -84,7 +84,7 @@ class RunConfig:
     def plan(self, server_round: int) -> TrainPlan:
         """Return the local-training instructions for ``server_round``."""
         return replace(
-            self.training, server_round=server_round,
+            self.training, server_round=server_round, num_rounds=self.num_server_rounds,
             proximal_mu=self.proximal_mu if STRATEGIES[self.strategy].proximal else 0.0,
             # Flower's central-DP wrappers require equal weights for every update.
             uniform_weights=CENTRAL_DP[self.central_dp].wrapper is not None,
@@ -105,7 +105,17 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_user_config(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Parse and validate Flower's run config; unknown keys are refused."""
+    def from_user_config(cls, values: Mapping[str, Any],
+                         plan: Mapping[str, Any] | None = None) -> RunConfig:
+        """Parse and validate Flower's run config; unknown keys are refused.
+
+        Planned keys left at ``auto`` (or absent) take ``plan``'s value, or their
+        declared default when there is no plan.
+        """
         settings.refuse_unknown(values, settings.keys(cls), RUN_CONFIG, "setting")
-        return settings.parse(cls, values, RUN_CONFIG)
+        return settings.parse(cls, settings.resolve_planned(cls, values, plan), RUN_CONFIG)
+
+    @classmethod
+    def needs_plan(cls, values: Mapping[str, Any]) -> bool:
+        """Return whether ``values`` leaves any planned key to the planner."""
+        return bool(settings.unplanned(cls, values))

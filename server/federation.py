@@ -9,6 +9,7 @@ every round, so the loop is written out here around the strategy's own
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -24,8 +25,10 @@ from server.config import RunConfig
 from server.history import MetricsHistory, RoundRecord, SiteRound
 from server.strategies import build_strategy
 from shared import protocol as p
+from shared.atomic import write_text_atomic
 from shared.checkpoint import Checkpoint
 from shared.errors import FedsegError
+from shared.planning import Plan
 from shared.run_files import RunFiles
 from shared.weights import NDArrays, from_record, to_record
 
@@ -65,6 +68,13 @@ class RunFolder(RunFiles):
     def save_final(self, state: FederationState, config: RunConfig) -> None:
         """Write the final model."""
         Checkpoint(config.model, state.weights, state.server_round).save(self.final_model)
+
+    def save_plan(self, plan: Plan) -> None:
+        """Write the plan made from the sites' fingerprints, with its reasons."""
+        text = json.dumps({"run-config": plan.to_run_config(), "reasons": list(plan.reasons)},
+                          indent=2)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.plan_json, text + "\n")
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float,

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from shared.networks import NETWORKS, NORMS
+from shared.normalization import NORMALIZATIONS
 from shared.partition import ADAPTATIONS
+from shared.schedule import SCHEDULES
 from shared.settings import (
     ROUND_CONFIG,
     RUN_CONFIG,
@@ -59,14 +61,21 @@ class ModelSpec:
                        wire="model-norm", wire_required=True)
     channels: tuple[int, ...] = integers(
         "channels", (16, 32, 64, 128), "feature channels per level (basicunet: six values; "
-        "segresnet: the first is its initial width)", wire="model-channels", wire_required=True)
+        "segresnet: the first is its initial width)", wire="model-channels", wire_required=True,
+        planned=True)
     in_channels: int = integer("in-channels", 1, "image channels (1 grey, 3 RGB)", minimum=1,
-                               wire="model-in-channels", wire_required=True)
+                               wire="model-in-channels", wire_required=True, planned=True)
     num_classes: int = integer("num-classes", 2, "classes including background", minimum=2,
                                wire="model-num-classes", wire_required=True)
     patch_size: tuple[int, ...] = integers(
         "patch-size", (64, 64), "training patch and sliding-window size; 3 values for 3D",
-        wire="model-patch-size", wire_required=True)
+        wire="model-patch-size", wire_required=True, planned=True)
+    resize: tuple[int, ...] = integers(
+        "resize", (), "size every case is resampled to before training and inference (`none`: "
+        "native resolution); Dice and masks stay at full resolution", wire="model-resize",
+        planned=True, empty_ok=True)
+    normalization: str = choice("normalization", "zscore", "intensity normalisation per image",
+                                choices=NORMALIZATIONS, wire="model-normalization", planned=True)
     adaptation: str = choice("adaptation", "none", "site-local layers (see Domain adaptation)",
                              choices=ADAPTATIONS, wire="model-adaptation")
 
@@ -75,6 +84,9 @@ class ModelSpec:
         if len(self.patch_size) not in (2, 3):
             raise invalid(self, "patch_size",
                           f"needs 2 (2D) or 3 (3D) values, got {_csv(self.patch_size)}")
+        if self.resize and len(self.resize) != len(self.patch_size):
+            raise invalid(self, "resize", f"needs {len(self.patch_size)} values like patch-size, "
+                          f"or none, got {_csv(self.resize)}")
         network = NETWORKS[self.network]
         if len(self.channels) < network.min_levels:
             raise invalid(self, "channels", f"{self.network} {network.channels_hint}")
@@ -133,12 +145,17 @@ class TrainPlan:
     local_epochs: int = integer("local-epochs", 1, "passes over the site's training cases per "
                                 "round (when local-steps is 0)", minimum=1, wire="local-epochs")
     local_steps: int = integer("local-steps", 0, "exact local optimiser steps per round; 0: use "
-                               "local-epochs", minimum=0, wire="local-steps")
+                               "local-epochs", minimum=0, wire="local-steps", planned=True)
     batch_size: int = integer("batch-size", 8, "cases per local step (one patch each)",
-                              minimum=1, wire="batch-size")
-    learning_rate: float = number("learning-rate", 3e-3, "learning rate of the local Adam "
+                              minimum=1, wire="batch-size", planned=True)
+    learning_rate: float = number("learning-rate", 3e-3, "peak learning rate of the local Adam "
                                   "optimiser", minimum=0.0, exclusive_minimum=True,
-                                  wire="learning-rate")
+                                  wire="learning-rate", planned=True)
+    lr_schedule: str = choice("lr-schedule", "constant", "learning-rate schedule over the whole "
+                              "run's steps (not restarted each round)", choices=SCHEDULES,
+                              wire="lr-schedule", planned=True)
+    num_rounds: int = integer(None, 1, "rounds in the run, the schedule's length", minimum=1,
+                              wire="num-rounds")
     weight_decay: float = number("weight-decay", 0.0, "Decoupled weight decay of the local "
                                  "optimiser (AdamW); 0 disables it", minimum=0.0,
                                  wire="weight-decay")

@@ -24,3 +24,6 @@ EPSILON = "epsilon"        # cumulative epsilon of the site (0.0 without DP)
 DELTA = "delta"
 REFUSED = "refused"        # bool: the site declined to train this round
 REASON = "reason"          # why it declined
+
+FINGERPRINT = "fingerprint"    # MetricRecord: a site's data fingerprint (aggregates only)
+FINGERPRINT_QUERY = "query.fingerprint"  # message type asking a site for its fingerprint

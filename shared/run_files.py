@@ -14,6 +14,7 @@ FINAL_MODEL = "final_model.pt"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 CHECKPOINTS = "checkpoints"
+PLAN_JSON = "plan.json"
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ class RunFiles:
     def metrics_csv(self) -> Path:
         """The metrics history as CSV, one row per round and site."""
         return self.path / METRICS_CSV
+
+    @property
+    def plan_json(self) -> Path:
+        """The plan made from the sites' fingerprints (absent when nothing was planned)."""
+        return self.path / PLAN_JSON
 
     @property
     def checkpoints(self) -> Path:

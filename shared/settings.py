@@ -97,6 +97,11 @@ class Setting:
         Strip and lower-case a string value while parsing.
     shown_default : str or None
         How the README shows the default, when not the value itself.
+    planned : bool
+        The federated planner (:mod:`shared.planning`) sets it when the run config
+        says ``auto``, which is then its default in ``pyproject.toml``.
+    empty_ok : bool
+        A list setting may be ``none`` (the empty tuple).
     """
 
     key: str | None
@@ -114,6 +119,8 @@ class Setting:
     rule: Callable[[Any], str | None] | None = None
     lower: bool = False
     shown_default: str | None = None
+    planned: bool = False
+    empty_ok: bool = False
 
     def name(self, by: By) -> str:
         """Return the key this setting has in the config read ``by`` key or wire name."""
@@ -140,21 +147,22 @@ def _declare(setting: Setting) -> Any:
 
 def integer(key: str | None, default: int, doc: str, *, minimum: int | None = None,
             wire: str | None = None, wire_required: bool = False,
-            shown_default: str | None = None) -> int:
+            shown_default: str | None = None, planned: bool = False) -> int:
     """Declare an integer setting."""
     return cast(int, _declare(Setting(key, "int", default, doc, wire, wire_required,
-                                      minimum=minimum, shown_default=shown_default)))
+                                      minimum=minimum, shown_default=shown_default,
+                                      planned=planned)))
 
 
 def number(key: str | None, default: float, doc: str, *, minimum: float | None = None,
            maximum: float | None = None, exclusive_minimum: bool = False,
            exclusive_maximum: bool = False, wire: str | None = None,
-           shown_default: str | None = None) -> float:
+           shown_default: str | None = None, planned: bool = False) -> float:
     """Declare a finite floating-point setting."""
     return cast(float, _declare(Setting(
         key, "float", default, doc, wire, minimum=minimum, maximum=maximum,
         exclusive_minimum=exclusive_minimum, exclusive_maximum=exclusive_maximum,
-        shown_default=shown_default)))
+        shown_default=shown_default, planned=planned)))
 
 
 def flag(key: str | None, default: bool, doc: str, *, wire: str | None = None) -> bool:
@@ -170,17 +178,20 @@ def text(key: str | None, default: str, doc: str, *, rule: Callable[[str], str |
 
 
 def choice(key: str | None, default: str, doc: str, *, choices: Choices,
-           wire: str | None = None, wire_required: bool = False) -> str:
+           wire: str | None = None, wire_required: bool = False,
+           planned: bool = False) -> str:
     """Declare a setting whose value is one name of a registry."""
     return cast(str, _declare(Setting(key, "choice", default, doc, wire, wire_required,
-                                      choices=choices, lower=True)))
+                                      choices=choices, lower=True, planned=planned)))
 
 
 def integers(key: str | None, default: tuple[int, ...], doc: str, *, minimum: int = 1,
-             wire: str | None = None, wire_required: bool = False) -> tuple[int, ...]:
-    """Declare a comma-separated list of integers (``"16,32,64"``)."""
+             wire: str | None = None, wire_required: bool = False, planned: bool = False,
+             empty_ok: bool = False) -> tuple[int, ...]:
+    """Declare a comma-separated list of integers (``"16,32,64"``; ``none`` if ``empty_ok``)."""
     return cast(tuple[int, ...], _declare(Setting(key, "ints", default, doc, wire,
-                                                  wire_required, minimum=minimum)))
+                                                  wire_required, minimum=minimum,
+                                                  planned=planned, empty_ok=empty_ok)))
 
 
 def path(key: str, default: Path, doc: str, *, required: bool = False,
@@ -240,6 +251,39 @@ def refuse_unknown(values: Mapping[str, Any], known: frozenset[str], source: Sou
                           f"remove it or use one of: {', '.join(sorted(known))}")
 
 
+#: The value of a planned key that asks the federated planner to choose it.
+AUTO = "auto"
+
+
+def planned_keys(owner: type) -> frozenset[str]:
+    """Return the keys of ``owner``'s config that the planner may set."""
+    return frozenset(s.key for _, _, s in all_settings(owner) if s.key and s.planned)
+
+
+def unplanned(owner: type, values: Mapping[str, Any]) -> frozenset[str]:
+    """Return the planned keys of ``owner`` that ``values`` leaves to the planner."""
+    return frozenset(k for k in planned_keys(owner)
+                     if isinstance(values.get(k, AUTO), str)
+                     and str(values.get(k, AUTO)).strip().lower() == AUTO)
+
+
+def resolve_planned(owner: type, values: Mapping[str, Any],
+                    plan: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Replace every ``auto`` (or absent) planned key by the plan's value or its default.
+
+    A value the run config sets explicitly always wins over the plan.
+    """
+    out = dict(values)
+    for _, _, s in all_settings(owner):
+        if s.key is None or not s.planned or s.key not in unplanned(owner, values):
+            continue
+        if plan is not None and s.key in plan:
+            out[s.key] = plan[s.key]
+        else:
+            out[s.key] = _encode(s.default) if s.kind == "ints" else s.default
+    return out
+
+
 # --- parsing: raw config value -> typed value -------------------------------------------
 
 def _convert(s: Setting, raw: Any) -> Any:
@@ -276,6 +320,8 @@ def _convert(s: Setting, raw: Any) -> Any:
         if isinstance(raw, int) and not isinstance(raw, bool):
             parts = [str(raw)]
         elif isinstance(raw, str):
+            if s.empty_ok and raw.strip().lower() in ("", "none"):
+                return ()
             parts = [p for p in re.split(r"[,\sx]+", raw.strip()) if p]
         else:
             raise ValueError(f"expected comma-separated integers, got {raw!r}")
@@ -340,7 +386,7 @@ def _problem(s: Setting, value: Any) -> str | None:
     if s.choices is not None:
         return None if value in s.choices.names() else s.choices.problem(value)
     if s.kind == "ints":
-        if not value:
+        if not value and not s.empty_ok:
             return "must list at least one integer"
         if s.minimum is not None and any(v < s.minimum for v in value):
             return (f"every value must be at least {s.minimum:g}, got "
@@ -382,7 +428,7 @@ def invalid(obj: Any, attr: str, problem: str) -> SettingError:
 
 def _encode(value: Any) -> Any:
     if isinstance(value, tuple):
-        return ",".join(str(v) for v in value)
+        return ",".join(str(v) for v in value) if value else "none"
     if isinstance(value, Path):
         return str(value)
     return value
@@ -407,7 +453,7 @@ def to_keys(obj: Any) -> dict[str, Any]:
 
 def toml_defaults(owner: type) -> dict[str, Any]:
     """Return every key's default as ``pyproject.toml``'s config table holds it."""
-    return {s.key: _encode(s.default) for _, _, s in all_settings(owner)
+    return {s.key: AUTO if s.planned else _encode(s.default) for _, _, s in all_settings(owner)
             if s.key and not s.required}
 
 
@@ -417,7 +463,9 @@ def markdown_table(owner: type) -> str:
     for _, _, s in all_settings(owner):
         if not s.key:
             continue
-        if s.shown_default is not None:
+        if s.planned:
+            default = f"`{AUTO}` (planned; else `{_encode(s.default)}`)"
+        elif s.shown_default is not None:
             default = s.shown_default
         elif s.required:
             default = "required"

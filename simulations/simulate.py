@@ -18,26 +18,31 @@ from typing import Any
 
 from client.config import SiteConfig
 from client.data_contract import DATASET_JSON, IMAGES_DIR, discover_cases
+from client.fingerprint import fingerprint_site
 from client.imaging import read_image
 from client.trainer import SiteData
 from server.config import RunConfig
 from server.report import LineReporter
+from shared import settings
+from shared.config import ModelSpec
 from shared.errors import DataError
+from shared.planning import Plan, make_plan
 from shared.run_files import RunFiles
+from shared.settings import AUTO
 
-# Settings that make the built-in synthetic task converge in a few minutes on 2 CPUs.
+# Settings that make the built-in synthetic task converge in a few minutes on 2 CPUs;
+# every planned key is set, so the synthetic run needs no planning round. Real data
+# (--data) is planned from the sites' fingerprints instead.
+_SYNTHETIC: dict[str, Any] = {"in-channels": 1, "resize": "none", "normalization": "zscore",
+                              "lr-schedule": "constant", "learning-rate": 0.003}
 SYNTHETIC_2D: dict[str, Any] = {
-    "num-server-rounds": 6, "local-steps": 15, "batch-size": 8, "patch-size": "64,64",
-    "channels": "16,32,64,128", "learning-rate": 0.003,
+    **_SYNTHETIC, "num-server-rounds": 6, "local-steps": 15, "batch-size": 8,
+    "patch-size": "64,64", "channels": "16,32,64,128",
 }
 SYNTHETIC_3D: dict[str, Any] = {
-    "num-server-rounds": 4, "local-steps": 10, "batch-size": 2, "patch-size": "32,32,32",
-    "channels": "8,16,32,64", "learning-rate": 0.003,
+    **_SYNTHETIC, "num-server-rounds": 4, "local-steps": 10, "batch-size": 2,
+    "patch-size": "32,32,32", "channels": "8,16,32,64",
 }
-# Real images are larger: bigger patches give vessels and organs their context.
-REAL_2D: dict[str, Any] = {"patch-size": "96,96", "local-steps": 25, "batch-size": 8}
-REAL_3D: dict[str, Any] = {"patch-size": "64,64,32", "local-steps": 10, "batch-size": 2,
-                           "channels": "8,16,32,64"}
 
 
 @dataclass(frozen=True)
@@ -66,11 +71,20 @@ class SimulationOutcome:
 
 
 def find_site_folders(data: Path) -> list[Path]:
-    """Return the sub-folders of ``data`` that hold a site (sorted by name)."""
+    """Return the sub-folders of ``data`` that hold a site (sorted by name).
+
+    A folder that is itself one site (``imagesTr/`` beside ``dataset.json``) and has
+    no site sub-folders is a federation of that one site.
+    """
     if not data.is_dir():
         raise DataError(data, "data folder not found", "pass a folder with one sub-folder per site")
-    sites = sorted(d for d in data.iterdir()
-                   if d.is_dir() and ((d / DATASET_JSON).is_file() or (d / IMAGES_DIR).is_dir()))
+
+    def is_site(d: Path) -> bool:
+        return (d / DATASET_JSON).is_file() or (d / IMAGES_DIR).is_dir()
+
+    sites = sorted(d for d in data.iterdir() if d.is_dir() and is_site(d))
+    if not sites and is_site(data):
+        sites = [data]
     if not sites:
         raise DataError(data, f"holds no site folders (sub-folders with {DATASET_JSON} or "
                         f"{IMAGES_DIR}/)",
@@ -96,27 +110,40 @@ def probe_layout(site: Path) -> tuple[int, int]:
     return spatial, channels
 
 
-def infer_data_settings(site: Path) -> dict[str, Any]:
-    """Choose ``in-channels`` and the 2D or 3D presets from one image of ``site``."""
+def plan_sites(folders: list[Path]) -> Plan:
+    """Plan a run for site folders on this machine, as the ServerApp would from messages.
+
+    Each folder's fingerprint is computed by the same code a site runs
+    (:func:`client.fingerprint.fingerprint_site`), with the default validation split.
+    """
+    return make_plan([fingerprint_site(SiteConfig(data_path=folder)) for folder in folders])
+
+
+def preflight_spec(site: Path) -> ModelSpec:
+    """Return a model spec that reads ``site``'s cases as they are (for the preflight only)."""
     spatial, channels = probe_layout(site)
-    preset = dict(REAL_3D if spatial == 3 else REAL_2D)
-    preset["in-channels"] = channels
-    return preset
+    return ModelSpec(in_channels=channels, patch_size=(32,) * spatial)
 
 
-def build_run_config(presets: Mapping[str, Any], overrides: Mapping[str, Any],
-                     num_sites: int, run_dir: Path) -> RunConfig:
-    """Merge presets and user overrides into a validated :class:`RunConfig`."""
+def build_run_values(presets: Mapping[str, Any], overrides: Mapping[str, Any],
+                     num_sites: int, run_dir: Path) -> dict[str, Any]:
+    """Merge presets and user overrides into run-config values, validated once here.
+
+    Planned keys that neither sets stay ``auto``: the ServerApp plans them from
+    the sites' fingerprints, as in a deployment.
+    """
     values: dict[str, Any] = {
         "min-available-nodes": num_sites, "min-train-nodes": num_sites,
         "min-evaluate-nodes": num_sites, "output-dir": str(run_dir.parent),
+        **{key: AUTO for key in settings.planned_keys(RunConfig)},
     }
     values.update(presets)
     values.update(overrides)
-    return RunConfig.from_user_config(values)
+    RunConfig.from_user_config(values)  # a bad override stops here, before Ray starts
+    return values
 
 
-def preflight(sites: list[SiteConfig], config: RunConfig) -> list[str]:
+def preflight(sites: list[SiteConfig], spec: ModelSpec) -> list[str]:
     """Read every case of every site through the data contract before Flower starts.
 
     A bad file then stops the run with one clear line before any output exists,
@@ -124,7 +151,7 @@ def preflight(sites: list[SiteConfig], config: RunConfig) -> list[str]:
     """
     lines = []
     for site in sites:
-        data = SiteData.load(site, config.model)
+        data = SiteData.load(site, spec)
         lines.append(f"  {site.site_name:<14} {len(data.train):>3} train / {len(data.val):>3} val "
                      f"cases  ({site.data_path})")
     return lines
@@ -161,20 +188,27 @@ def run_simulation(request: SimulationRequest,
         presets = dict(SYNTHETIC_2D if request.synthetic_dims == 2 else SYNTHETIC_3D)
     else:
         folders = find_site_folders(request.data)
-        presets = infer_data_settings(folders[0])
-    config = build_run_config(presets, request.overrides, len(folders), run_dir)
+        presets = {}
+    values = build_run_values(presets, request.overrides, len(folders), run_dir)
+    config = RunConfig.from_user_config(values)
     sites = [
         SiteConfig(data_path=folder, site_name=folder.name,
                    state_dir=run_dir / "site-state" / folder.name, num_threads=1,
                    seed=i, device="auto")
         for i, folder in enumerate(folders)
     ]
-    echo(f"{len(sites)} sites, {config.num_server_rounds} rounds, strategy {config.strategy}, "
-         f"{config.model.network} {config.model.spatial_dims}D, patch "
-         f"{'x'.join(map(str, config.model.patch_size))}")
-    for line in preflight(sites, config):
+    if RunConfig.needs_plan(values):
+        echo(f"{len(sites)} sites, strategy {config.strategy}; rounds, resolution, patch, "
+             "network and schedule are planned from the sites' data fingerprints")
+        spec = preflight_spec(folders[0])
+    else:
+        echo(f"{len(sites)} sites, {config.num_server_rounds} rounds, strategy "
+             f"{config.strategy}, {config.model.network} {config.model.spatial_dims}D, patch "
+             f"{'x'.join(map(str, config.model.patch_size))}")
+        spec = config.model
+    for line in preflight(sites, spec):
         echo(line)
-    _run_flower(config, sites, run_dir, echo)
+    _run_flower(values, sites, run_dir, echo)
     wall = time.monotonic() - started
     files = RunFiles(run_dir)
     if not files.final_model.is_file():
@@ -184,7 +218,7 @@ def run_simulation(request: SimulationRequest,
                              files.final_model, wall)
 
 
-def _run_flower(config: RunConfig, sites: list[SiteConfig], run_dir: Path,
+def _run_flower(values: Mapping[str, Any], sites: list[SiteConfig], run_dir: Path,
                 echo: Callable[[str], None]) -> None:
     # Ray and Flower print a lot at INFO; the per-round lines come from our reporter.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -202,7 +236,8 @@ def _run_flower(config: RunConfig, sites: list[SiteConfig], run_dir: Path,
     def resolve_site(context: Context) -> SiteConfig:
         return sites[int(context.node_config["partition-id"])]
 
-    server_app = make_server_app(config, run_dir, LineReporter(echo))
+    server_app = make_server_app(run_dir=run_dir, reporter=LineReporter(echo), run_config=values,
+                                 echo=echo)
     client_app = make_client_app(resolve_site)
     cpus = max(1, os.cpu_count() or 1)
     flower_run_simulation(

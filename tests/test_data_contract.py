@@ -24,10 +24,10 @@ from client.transforms import (
     label_to_single_channel,
     labels_to_classes,
     match_channels,
-    normalize_intensity,
     to_channel_first,
 )
 from shared.errors import DataError
+from shared.normalization import zscore as normalize_intensity
 
 AFFINE = np.array(
     [

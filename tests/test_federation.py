@@ -21,6 +21,7 @@ from server.history import MetricsHistory
 from server.strategies import build_strategy
 from shared import protocol as p
 from shared.checkpoint import Checkpoint
+from shared.planning import Fingerprint
 from shared.run_files import RunFiles
 from tests.conftest import FakeGrid
 
@@ -221,6 +222,14 @@ def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> N
 
     def respond(msg: Message) -> Message:
         nonlocal names
+        if msg.metadata.message_type == p.FINGERPRINT_QUERY:
+            # pyproject leaves the planned keys at "auto": the app asks for a fingerprint.
+            fingerprint = Fingerprint(num_cases=20, spatial_dims=2, channels=3, shape=(16, 16),
+                                      spacing=(1.0, 1.0), has_spacing=False,
+                                      foreground_fraction=0.1, thickness=4.0,
+                                      dark_fraction=0.3)
+            return Message(RecordDict({p.FINGERPRINT: MetricRecord(
+                dict(fingerprint.to_record()))}), reply_to=msg)
         arrays = msg.content.array_records[p.ARRAYS]
         names = list(arrays.keys())
         return site("a", {k: v.numpy() for k, v in arrays.items()}, 1, 0.5)(msg)
@@ -230,7 +239,10 @@ def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> N
     app(FakeGrid({1: respond}), context)  # type: ignore[arg-type]
     assert RunFiles(tmp_path / "run-42").final_model.is_file()
     assert names and all(not n.startswith("_module") for n in names)
-    assert Checkpoint.load(RunFiles(tmp_path / "run-42").final_model).spec.channels == (8, 16)
+    spec = Checkpoint.load(RunFiles(tmp_path / "run-42").final_model).spec
+    assert spec.channels == (8, 16)                      # set in the run config: kept
+    assert (spec.in_channels, spec.normalization) == (3, "zscore-fov")  # "auto": planned
+    assert RunFiles(tmp_path / "run-42").plan_json.is_file()
 
 
 def test_malformed_reply_is_recorded_and_left_out() -> None:

@@ -1,0 +1,117 @@
+"""The training pipeline on MONAI transforms: foreground-aware crops and augmentation.
+
+Two families of augmentation: spatial (flips, 90-degree rotations, a small affine)
+so that a few dozen cases look like more, and intensity (contrast, gamma, scale and
+shift, noise, blur, histogram shift) that mimics another scanner or protocol, which
+is the shift a model meets at the next hospital. The deterministic part (padding,
+foreground and background indices) is cached once per dataset; only the random part
+runs per draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, set_track_meta
+from monai.transforms import (
+    Compose,
+    FgBgToIndicesd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandHistogramShiftd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+from torch.utils.data import Dataset
+
+KEYS = ("image", "label")
+
+# MetaTensor bookkeeping made each draw ten times slower on a CPU (measured: 120 ms
+# against 12 ms for a 96x96 patch); training needs no affine or transform history.
+set_track_meta(False)
+
+
+def _spatial(patch_size: tuple[int, ...], whole_image: bool) -> list[Any]:
+    dims = len(patch_size)
+    steps: list[Any] = []
+    if not whole_image:
+        # Half the patches centred on foreground: thin vessels and a small atrium
+        # are otherwise rarely seen.
+        steps.append(RandCropByPosNegLabeld(
+            KEYS, label_key="label", spatial_size=patch_size, pos=1.0, neg=1.0, num_samples=1,
+            fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices",
+            allow_smaller=False))
+        steps += [RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(dims)]
+        steps.append(RandRotate90d(KEYS, prob=0.5, spatial_axes=(0, 1)))
+    steps.append(RandAffined(
+        KEYS, prob=0.2, rotate_range=(0.26,) if dims == 2 else (0.26, 0.0, 0.0),
+        scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="zeros"))
+    return steps
+
+
+def _intensity() -> list[Any]:
+    return [
+        RandScaleIntensityd("image", factors=0.15, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.15, prob=0.5),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+        RandHistogramShiftd("image", num_control_points=8, prob=0.1),
+        RandGaussianNoised("image", std=0.05, prob=0.15),
+        RandGaussianSmoothd("image", sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0),
+                            sigma_z=(0.25, 1.0), prob=0.1),
+    ]
+
+
+class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """One augmented patch per case and draw: the case stays the sampling unit (DP).
+
+    Parameters
+    ----------
+    images, labels : sequence of numpy.ndarray
+        ``(C, *spatial)`` float32 images and ``(*spatial)`` int64 class maps.
+    patch_size : tuple of int
+        Training patch; a case smaller than it is padded.
+    seed : int
+        Seed of every random transform, so a round is reproducible.
+    whole_image : bool
+        The images already have the patch's size: no crop, no 90-degree turns
+        (anatomy such as a chest has an up and a down).
+    augment : bool
+        Spatial and intensity augmentation; off gives plain crops.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                 patch_size: tuple[int, ...], seed: int, whole_image: bool = False,
+                 augment: bool = True) -> None:
+        prepare = Compose([SpatialPadd(KEYS, spatial_size=patch_size),
+                           *([] if whole_image else
+                             [FgBgToIndicesd("label")])])
+        random = [*_spatial(patch_size, whole_image)] if augment else (
+            [] if whole_image else [_spatial(patch_size, whole_image)[0]])
+        if augment:
+            random += _intensity()
+        self.random = Compose(random).set_random_state(seed=seed % (2 ** 32))
+        items = [{"image": img, "label": lab[None]} for img, lab in
+                 zip(images, labels, strict=True)]
+        self.cache = CacheDataset(items, transform=prepare, progress=False, num_workers=0,
+                                  copy_cache=False)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item: Mapping[str, Any] = dict(self.cache[index])
+        out = self.random(item)
+        if isinstance(out, list):
+            out = out[0]
+        image = torch.as_tensor(np.asarray(out["image"]), dtype=torch.float32)
+        label = torch.as_tensor(np.asarray(out["label"]), dtype=torch.int64)
+        return image.contiguous(), label.contiguous()

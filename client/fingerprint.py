@@ -1,0 +1,117 @@
+"""A site's data fingerprint: aggregate numbers for the server's planner.
+
+The per-case statistics computed here never leave this module: only their
+medians, coarsened, go into the :class:`~shared.planning.Fingerprint` that is
+sent to the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from client.config import SiteConfig
+from client.data_contract import discover_cases, read_raw_case, split_cases
+from shared.errors import DataError
+from shared.normalization import dark_mask
+from shared.planning import Fingerprint
+
+
+def case_statistics(raw: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """Return one case's statistics (these stay at the site).
+
+    Parameters
+    ----------
+    raw : numpy.ndarray
+        ``(C, *spatial)`` image intensities as stored (before normalisation).
+    label : numpy.ndarray
+        ``(*spatial)`` class indices.
+
+    Returns
+    -------
+    dict of str to float
+        ``foreground`` share, structure ``thickness`` in voxels (four times the mean
+        distance of a foreground voxel to the background, exact for a strip),
+        ``dark`` share of voxels in the dark frame (:func:`shared.normalization.dark_mask`),
+        and foreground intensity percentiles ``fg_low``, ``fg_mid``, ``fg_high``.
+    """
+    grey = raw.astype(np.float64).mean(axis=0)
+    fg = label > 0
+    dark = float(dark_mask(raw).mean())
+    stats = {"foreground": float(fg.mean()), "dark": dark, "thickness": 0.0,
+             "fg_low": 0.0, "fg_mid": 0.0, "fg_high": 0.0}
+    if fg.any():
+        distance = ndimage.distance_transform_edt(fg)
+        stats["thickness"] = float(4.0 * distance[fg].mean())
+        values = grey[fg]
+        stats["fg_low"], stats["fg_mid"], stats["fg_high"] = (
+            float(v) for v in np.percentile(values, [0.5, 50.0, 99.5]))
+    return stats
+
+
+def site_fingerprint(cases: Sequence[tuple[np.ndarray, np.ndarray, tuple[float, ...]]],
+                     has_spacing: bool) -> Fingerprint:
+    """Summarise a site's training cases as medians, coarsened.
+
+    Parameters
+    ----------
+    cases : sequence of (raw image, label, spacing)
+        Channel-first raw images, their class maps and voxel spacings.
+    has_spacing : bool
+        Whether the files carry a physical spacing (NIfTI) or not.
+
+    Returns
+    -------
+    Fingerprint
+        Only aggregate numbers: sizes rounded to multiples of 8, fractions to two
+        decimals, thickness to one decimal.
+    """
+    if not cases:
+        raise ValueError("a fingerprint needs at least one case")
+    stats = [case_statistics(raw, label) for raw, label, _ in cases]
+    shapes = np.array([label.shape for _, label, _ in cases], dtype=np.float64)
+    spacings = np.array([spacing for _, _, spacing in cases], dtype=np.float64)
+
+    def median(key: str) -> float:
+        return float(np.median([s[key] for s in stats]))
+
+    return Fingerprint(
+        num_cases=len(cases),
+        spatial_dims=int(shapes.shape[1]),
+        channels=int(cases[0][0].shape[0]),
+        shape=tuple(int(8 * round(v / 8)) for v in np.median(shapes, axis=0)),
+        spacing=tuple(round(float(v), 3) for v in np.median(spacings, axis=0)),
+        has_spacing=has_spacing,
+        foreground_fraction=round(median("foreground"), 2),
+        thickness=round(median("thickness"), 1),
+        dark_fraction=round(median("dark"), 2),
+        fg_intensity=(_two_digits(median("fg_low")), _two_digits(median("fg_mid")),
+                      _two_digits(median("fg_high"))),
+    )
+
+
+def _two_digits(value: float) -> float:
+    """Round to two significant digits: a scale, not a measurement."""
+    if value == 0:
+        return 0.0
+    return float(f"{value:.2g}")
+
+
+def fingerprint_site(site: SiteConfig) -> Fingerprint:
+    """Return the fingerprint of ``site``'s training cases (the validation split is left out).
+
+    Raises
+    ------
+    DataError
+        The site has no training cases, or one cannot be read.
+    """
+    refs = discover_cases(site.data_path, site.patient_pattern)
+    train, _ = split_cases(refs, site.val_fraction)
+    if not train:
+        raise DataError(site.data_path, "no training cases left after the validation split",
+                        "lower val-fraction or add cases")
+    cases = [read_raw_case(ref) for ref in train]
+    nifti = train[0].image.name.lower().endswith((".nii", ".nii.gz"))
+    return site_fingerprint(cases, has_spacing=nifti)

@@ -1,0 +1,365 @@
+"""Federated self-configuration: site fingerprints in, one training plan out.
+
+nnU-Net's lesson is that configuring the pipeline to the data (resolution, patch,
+depth, normalisation, schedule) matters more than the architecture. Here the same
+two stages run federated: each site summarises its data in a :class:`Fingerprint`
+of aggregate numbers only (medians and fractions, coarsened, never a case's own
+values, names or paths), and the server turns the fingerprints of all sites into
+one :class:`Plan`. Everything in this module is pure arithmetic on those numbers,
+so the planner's output is tested exactly on hand-made fingerprints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import FedsegError
+
+
+class PlanningError(FedsegError):
+    """The sites' fingerprints cannot be combined into one plan."""
+
+
+#: Keys of a fingerprint message, in order; all values are numbers.
+FINGERPRINT_KEYS: tuple[str, ...] = (
+    "fp-num-cases", "fp-spatial-dims", "fp-channels", "fp-has-spacing",
+    "fp-shape-0", "fp-shape-1", "fp-shape-2",
+    "fp-spacing-0", "fp-spacing-1", "fp-spacing-2",
+    "fp-foreground-fraction", "fp-thickness", "fp-dark-fraction",
+    "fp-fg-intensity-low", "fp-fg-intensity-median", "fp-fg-intensity-high",
+)
+# Intensities may be negative (CT in Hounsfield units, z-scored MRI); nothing else may.
+_SIGNED = frozenset({"fp-fg-intensity-low", "fp-fg-intensity-median", "fp-fg-intensity-high"})
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Aggregate description of one site's training data.
+
+    Every value is a median over the site's cases, coarsened so that it is a
+    property of the collection rather than of one case.
+
+    Attributes
+    ----------
+    num_cases : int
+        Training cases at the site.
+    spatial_dims : int
+        2 or 3.
+    channels : int
+        Image channels (1 grey, 3 RGB).
+    shape : tuple of int
+        Median image size per spatial axis, rounded to a multiple of 8.
+    spacing : tuple of float
+        Median voxel spacing per axis (1.0 where the format has none).
+    has_spacing : bool
+        Whether the files carry a physical spacing (NIfTI) or not (PNG, JPEG).
+    foreground_fraction : float
+        Median share of foreground voxels per case, two decimals.
+    thickness : float
+        Median structure thickness in voxels: four times the mean distance of a
+        foreground voxel to the background (exact for a strip), one decimal.
+    dark_fraction : float
+        Median share of voxels near the image's minimum: large for fundus photographs,
+        whose field of view sits in a black frame; two decimals.
+    fg_intensity : tuple of float
+        Medians over cases of the 0.5th, 50th and 99.5th percentile of the
+        foreground intensity (channel mean), two significant decimals.
+    """
+
+    num_cases: int
+    spatial_dims: int
+    channels: int
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    has_spacing: bool
+    foreground_fraction: float
+    thickness: float
+    dark_fraction: float
+    fg_intensity: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def to_record(self) -> dict[str, int | float]:
+        """Flatten into the numbers of a fingerprint message (unused axes are 0)."""
+        shape = (*self.shape, *(0,) * (3 - len(self.shape)))
+        spacing = (*self.spacing, *(0.0,) * (3 - len(self.spacing)))
+        values: tuple[int | float, ...] = (
+            self.num_cases, self.spatial_dims, self.channels, int(self.has_spacing),
+            *shape, *spacing, self.foreground_fraction, self.thickness, self.dark_fraction,
+            *self.fg_intensity,
+        )
+        return dict(zip(FINGERPRINT_KEYS, values, strict=True))
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any], source: str) -> Fingerprint:
+        """Parse a fingerprint message; anything but the declared numbers is refused."""
+        extra = sorted(set(values) - set(FINGERPRINT_KEYS))
+        missing = [k for k in FINGERPRINT_KEYS if k not in values]
+        if extra or missing:
+            raise PlanningError(f"{source}: fingerprint has unexpected keys {extra} or misses "
+                                f"{missing}; every site must run the same fedseg version")
+        nums: dict[str, float] = {}
+        for key in FINGERPRINT_KEYS:
+            value = values[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value) or (value < 0 and key not in _SIGNED):
+                raise PlanningError(f"{source}: fingerprint value '{key}' is {value!r}, "
+                                    "expected a finite number >= 0; check the site's data")
+            nums[key] = float(value)
+        dims = int(nums["fp-spatial-dims"])
+        if dims not in (2, 3):
+            raise PlanningError(f"{source}: fingerprint says {dims}D images; only 2D and 3D "
+                                "are supported")
+        return cls(
+            num_cases=int(nums["fp-num-cases"]), spatial_dims=dims,
+            channels=int(nums["fp-channels"]),
+            shape=tuple(int(nums[f"fp-shape-{i}"]) for i in range(dims)),
+            spacing=tuple(nums[f"fp-spacing-{i}"] for i in range(dims)),
+            has_spacing=bool(nums["fp-has-spacing"]),
+            foreground_fraction=nums["fp-foreground-fraction"],
+            thickness=nums["fp-thickness"], dark_fraction=nums["fp-dark-fraction"],
+            fg_intensity=(nums["fp-fg-intensity-low"], nums["fp-fg-intensity-median"],
+                          nums["fp-fg-intensity-high"]),
+        )
+
+
+@dataclass(frozen=True)
+class PlannerRules:
+    """The planner's constants, chosen by measurement on a 2-core CPU (see README).
+
+    Attributes
+    ----------
+    max_patch_voxels : dict of int to int
+        Largest training patch per spatial dimensionality.
+    native_patch_side : dict of int to int
+        Side of a patch at native resolution when whole images do not fit.
+    whole_image_side : int
+        Longest side a 2D image is resized to when its structures are thick enough.
+    min_thickness : float
+        Structures stay at least this many pixels thick after resizing.
+    min_bottleneck : dict of int to int
+        Smallest side of the network's deepest feature map.
+    max_levels : int
+        Resolution levels of the U-Net at most.
+    base_channels, max_channels : dict of int to int
+        Width of the first level, doubled per level up to the maximum.
+    batch_size : dict of int to int
+        Patches per optimiser step.
+    voxels_per_site : dict of int to int
+        Patch voxels a site processes over the whole run (sets the number of steps).
+    rounds : int
+        Federated rounds; the steps are spread evenly over them.
+    min_steps, max_steps : int
+        Bounds of the local steps per round.
+    dark_fraction_fov : float
+        Above this share of dark voxels, normalisation ignores the dark frame.
+    learning_rate : float
+        Peak learning rate of the cosine schedule.
+    """
+
+    max_patch_voxels: dict[int, int] = field(default_factory=lambda: {2: 256 * 256,
+                                                                      3: 64 * 64 * 48})
+    native_patch_side: dict[int, int] = field(default_factory=lambda: {2: 96, 3: 64})
+    whole_image_side: int = 256
+    min_thickness: float = 12.0
+    min_bottleneck: dict[int, int] = field(default_factory=lambda: {2: 8, 3: 4})
+    max_levels: int = 5
+    base_channels: dict[int, int] = field(default_factory=lambda: {2: 16, 3: 8})
+    max_channels: dict[int, int] = field(default_factory=lambda: {2: 256, 3: 128})
+    batch_size: dict[int, int] = field(default_factory=lambda: {2: 8, 3: 2})
+    voxels_per_site: dict[int, int] = field(default_factory=lambda: {2: 500 * 8 * 256 * 256,
+                                                                     3: 400 * 2 * 64 * 64 * 48})
+    rounds: int = 10
+    min_steps: int = 20
+    max_steps: int = 150
+    dark_fraction_fov: float = 0.15
+    learning_rate: float = 2e-3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A training configuration derived from the sites' fingerprints.
+
+    Attributes
+    ----------
+    spatial_dims, in_channels : int
+        Image geometry every site shares.
+    resize : tuple of int
+        Size every case is resampled to before training and inference, or ``()``
+        to keep native resolution.
+    patch_size : tuple of int
+        Training patch (the whole resized image when it fits).
+    channels : tuple of int
+        U-Net widths per level.
+    batch_size, local_steps, num_server_rounds : int
+        Optimisation budget.
+    normalization : str
+        ``zscore`` or ``zscore-fov`` (statistics over the field of view only).
+    learning_rate : float
+        Peak learning rate of the cosine schedule.
+    reasons : tuple of str
+        One line per decision, printed by ``fedseg plan``.
+    """
+
+    spatial_dims: int
+    in_channels: int
+    resize: tuple[int, ...]
+    patch_size: tuple[int, ...]
+    channels: tuple[int, ...]
+    batch_size: int
+    local_steps: int
+    num_server_rounds: int
+    normalization: str
+    learning_rate: float
+    reasons: tuple[str, ...] = ()
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Return the planned values under their run-config keys."""
+        return {
+            "in-channels": self.in_channels,
+            "resize": _csv(self.resize) if self.resize else "none",
+            "patch-size": _csv(self.patch_size),
+            "channels": _csv(self.channels),
+            "batch-size": self.batch_size,
+            "local-steps": self.local_steps,
+            "num-server-rounds": self.num_server_rounds,
+            "normalization": self.normalization,
+            "learning-rate": self.learning_rate,
+            "lr-schedule": "cosine",
+        }
+
+
+def _csv(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def combine(fingerprints: Sequence[Fingerprint]) -> Fingerprint:
+    """Merge the sites' fingerprints, each weighted by its number of cases.
+
+    Raises
+    ------
+    PlanningError
+        No fingerprints, or sites that disagree on dimensionality or channels.
+    """
+    if not fingerprints:
+        raise PlanningError("no site sent a fingerprint; start the sites or set every planned "
+                            "key in the run config")
+    first = fingerprints[0]
+    for fp in fingerprints[1:]:
+        if (fp.spatial_dims, fp.channels) != (first.spatial_dims, first.channels):
+            raise PlanningError(
+                f"sites disagree: {first.spatial_dims}D with {first.channels} channel(s) at one "
+                f"site, {fp.spatial_dims}D with {fp.channels} at another; every site must hold "
+                "images of the same kind")
+    total = sum(fp.num_cases for fp in fingerprints)
+    weights = [fp.num_cases / total if total else 1 / len(fingerprints) for fp in fingerprints]
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(w * v for w, v in zip(weights, values, strict=True))
+
+    dims = first.spatial_dims
+    return Fingerprint(
+        num_cases=total, spatial_dims=dims, channels=first.channels,
+        shape=tuple(round(mean([fp.shape[i] for fp in fingerprints])) for i in range(dims)),
+        spacing=tuple(mean([fp.spacing[i] for fp in fingerprints]) for i in range(dims)),
+        has_spacing=all(fp.has_spacing for fp in fingerprints),
+        foreground_fraction=mean([fp.foreground_fraction for fp in fingerprints]),
+        thickness=mean([fp.thickness for fp in fingerprints]),
+        dark_fraction=mean([fp.dark_fraction for fp in fingerprints]),
+        fg_intensity=(mean([fp.fg_intensity[0] for fp in fingerprints]),
+                      mean([fp.fg_intensity[1] for fp in fingerprints]),
+                      mean([fp.fg_intensity[2] for fp in fingerprints])),
+    )
+
+
+def _round_down(value: float, multiple: int) -> int:
+    return max(multiple, int(value // multiple) * multiple)
+
+
+def _levels(patch: Sequence[int], rules: PlannerRules, dims: int) -> int:
+    """Resolution levels so that the deepest feature map keeps ``min_bottleneck`` voxels."""
+    downs = math.floor(math.log2(max(1.0, min(patch) / rules.min_bottleneck[dims])))
+    return max(2, min(rules.max_levels, downs + 1))
+
+
+def _shrink_to_budget(shape: Sequence[int], budget: int) -> list[int]:
+    """Halve the longest axis (nnU-Net shrinks the largest relative axis) until it fits."""
+    patch = list(shape)
+    while math.prod(patch) > budget:
+        axis = max(range(len(patch)), key=lambda i: patch[i])
+        patch[axis] = max(8, patch[axis] * 3 // 4)
+    return patch
+
+
+def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = None) -> Plan:
+    """Plan resolution, patch, network, normalisation and schedule for all sites.
+
+    Parameters
+    ----------
+    fingerprints : sequence of Fingerprint
+        One per site.
+    rules : PlannerRules, optional
+        The planner's constants; the defaults suit a 2-core CPU.
+
+    Returns
+    -------
+    Plan
+        The configuration every site trains with; a run config may override any value.
+    """
+    rules = rules or PlannerRules()
+    fp = combine(fingerprints)
+    dims = fp.spatial_dims
+    reasons: list[str] = [f"{len(fingerprints)} site(s), {fp.num_cases} training cases, "
+                          f"{dims}D, {fp.channels} channel(s), median size "
+                          f"{'x'.join(map(str, fp.shape))}"]
+    resize: tuple[int, ...] = ()
+    work_shape = list(fp.shape)
+    factor = 1.0
+    if dims == 2 and not fp.has_spacing:
+        factor = min(max(fp.shape) / rules.whole_image_side, fp.thickness / rules.min_thickness)
+    if factor >= 1.5:
+        # Structures are thick: a whole downsampled image gives the network the
+        # global context (both lungs, the mediastinum) that patches never see.
+        work_shape = [max(16, round(s / factor / 16) * 16) for s in fp.shape]
+        resize = tuple(work_shape)
+        reasons.append(f"structures are {fp.thickness:.0f} px thick: resize to "
+                       f"{'x'.join(map(str, resize))} (factor {factor:.2f}); Dice is still "
+                       "measured at full resolution")
+    else:
+        reasons.append(f"structures are {fp.thickness:.1f} px thick: keep native resolution")
+    if math.prod(work_shape) <= rules.max_patch_voxels[dims]:
+        patch = list(work_shape)
+        reasons.append("the whole (resized) image fits in one patch")
+    elif resize:
+        patch = _shrink_to_budget(work_shape, rules.max_patch_voxels[dims])
+    else:
+        side = rules.native_patch_side[dims]
+        patch = _shrink_to_budget([min(s, side) if dims == 2 else s for s in work_shape],
+                                  rules.max_patch_voxels[dims])
+        if dims == 3:
+            patch = [min(p, side) if i < 2 else p for i, p in enumerate(patch)]
+    levels = _levels(patch, rules, dims)
+    multiple = 2 ** (levels - 1)
+    patch = [_round_down(p, multiple) for p in patch]
+    if resize and patch == list(work_shape):
+        resize = tuple(patch)
+    elif not resize or patch != list(resize):
+        reasons.append(f"patches of {'x'.join(map(str, patch))}, half centred on foreground")
+    channels = tuple(min(rules.max_channels[dims], rules.base_channels[dims] * 2 ** i)
+                     for i in range(levels))
+    reasons.append(f"U-Net with {levels} levels ({_csv(channels)}): the deepest feature map is "
+                   f"{'x'.join(str(p // multiple) for p in patch)}")
+    batch = rules.batch_size[dims]
+    total_steps = rules.voxels_per_site[dims] / (batch * math.prod(patch))
+    steps = int(min(rules.max_steps, max(rules.min_steps, round(total_steps / rules.rounds))))
+    reasons.append(f"{rules.rounds} rounds x {steps} steps of batch {batch}, cosine learning "
+                   f"rate from {rules.learning_rate:g}")
+    normalization = "zscore-fov" if fp.dark_fraction > rules.dark_fraction_fov else "zscore"
+    reasons.append(f"{fp.dark_fraction:.0%} of pixels are dark: {normalization} normalisation")
+    return Plan(
+        spatial_dims=dims, in_channels=fp.channels, resize=resize, patch_size=tuple(patch),
+        channels=channels, batch_size=batch, local_steps=steps,
+        num_server_rounds=rules.rounds, normalization=normalization,
+        learning_rate=rules.learning_rate, reasons=tuple(reasons),
+    )

@@ -1,0 +1,119 @@
+"""Federated self-configuration: exact plans for hand-made fingerprints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.fingerprint import case_statistics, site_fingerprint
+from shared.planning import (
+    FINGERPRINT_KEYS,
+    Fingerprint,
+    PlanningError,
+    combine,
+    make_plan,
+)
+
+
+def _fp(**kw: object) -> Fingerprint:
+    base: dict[str, object] = dict(
+        num_cases=100, spatial_dims=2, channels=1, shape=(512, 512), spacing=(1.0, 1.0),
+        has_spacing=False, foreground_fraction=0.25, thickness=100.0, dark_fraction=0.05,
+        fg_intensity=(20.0, 70.0, 210.0))
+    base.update(kw)
+    return Fingerprint(**base)  # type: ignore[arg-type]
+
+
+def test_thick_structures_on_large_radiographs_plan_whole_downsampled_images() -> None:
+    plan = make_plan([_fp(), _fp(num_cases=300, dark_fraction=0.01)])
+    assert plan.to_run_config() == {
+        "in-channels": 1, "resize": "256,256", "patch-size": "256,256",
+        "channels": "16,32,64,128,256", "batch-size": 8, "local-steps": 50,
+        "num-server-rounds": 10, "normalization": "zscore", "learning-rate": 0.002,
+        "lr-schedule": "cosine",
+    }
+
+
+def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation() -> None:
+    plan = make_plan([_fp(channels=3, shape=(584, 568), thickness=6.0, dark_fraction=0.3)])
+    assert plan.to_run_config() == {
+        "in-channels": 3, "resize": "none", "patch-size": "96,96",
+        "channels": "16,32,64,128", "batch-size": 8, "local-steps": 150,
+        "num-server-rounds": 10, "normalization": "zscore-fov", "learning-rate": 0.002,
+        "lr-schedule": "cosine",
+    }
+
+
+def test_3d_volumes_get_a_budgeted_patch_and_a_narrow_network() -> None:
+    plan = make_plan([_fp(spatial_dims=3, shape=(192, 144, 88), spacing=(0.625,) * 3,
+                          has_spacing=True, thickness=25.6)])
+    assert plan.resize == ()
+    assert plan.patch_size == (56, 56, 48)
+    assert plan.channels == (8, 16, 32, 64)
+    assert (plan.batch_size, plan.local_steps) == (2, 52)
+
+
+def test_small_images_fit_whole_without_resizing() -> None:
+    plan = make_plan([_fp(shape=(96, 96), thickness=20.0)])
+    assert plan.resize == ()
+    assert plan.patch_size == (96, 96)
+    assert plan.channels == (16, 32, 64, 128)
+    assert plan.local_steps == 150
+
+
+def test_combine_weights_sites_by_cases() -> None:
+    merged = combine([_fp(num_cases=1, thickness=10.0, shape=(100, 200)),
+                      _fp(num_cases=3, thickness=30.0, shape=(300, 400))])
+    assert merged.num_cases == 4
+    assert merged.thickness == pytest.approx(25.0)
+    assert merged.shape == (250, 350)
+
+
+def test_sites_of_different_kinds_are_refused() -> None:
+    with pytest.raises(PlanningError, match="sites disagree"):
+        combine([_fp(), _fp(channels=3)])
+    with pytest.raises(PlanningError, match="no site sent a fingerprint"):
+        combine([])
+
+
+def test_record_round_trip_and_refusals() -> None:
+    fp = _fp(spatial_dims=3, shape=(192, 144, 88), spacing=(0.625,) * 3, has_spacing=True,
+             fg_intensity=(-0.5, 1.0, 3.0))
+    record = fp.to_record()
+    assert tuple(record) == FINGERPRINT_KEYS
+    assert Fingerprint.from_record(record, "site x") == fp
+    with pytest.raises(PlanningError, match="unexpected keys"):
+        Fingerprint.from_record({**record, "case-name": 1}, "site x")
+    with pytest.raises(PlanningError, match="'fp-thickness' is"):
+        Fingerprint.from_record({**record, "fp-thickness": float("nan")}, "site x")
+    with pytest.raises(PlanningError, match="'fp-num-cases' is"):
+        Fingerprint.from_record({**record, "fp-num-cases": "12"}, "site x")
+
+
+def test_case_statistics_on_a_strip() -> None:
+    raw = np.zeros((1, 20, 20))
+    raw[0, 5:15] = 100.0          # a bright band; the rest is a dark frame
+    label = np.zeros((20, 20), dtype=np.int64)
+    label[8:12, :] = 1            # a strip 4 pixels thick
+    stats = case_statistics(raw, label)
+    assert stats["foreground"] == pytest.approx(0.2)
+    assert stats["thickness"] == pytest.approx(6.0)  # EDT 1,2,2,1: mean 1.5, times 4
+    assert stats["dark"] == pytest.approx(0.5)
+    assert stats["fg_mid"] == pytest.approx(100.0)
+
+
+def test_site_fingerprint_holds_only_coarse_aggregates() -> None:
+    rng = np.random.default_rng(0)
+    cases = []
+    for size in (61, 67, 70, 75, 90):
+        raw = rng.random((1, size, size)) * 255
+        label = np.zeros((size, size), dtype=np.int64)
+        label[10:30, 10:30] = 1
+        cases.append((raw, label, (1.0, 1.0)))
+    fp = site_fingerprint(cases, has_spacing=False)
+    record = fp.to_record()
+    assert set(record) == set(FINGERPRINT_KEYS)
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in record.values())
+    assert fp.shape == (72, 72)  # median 70 rounded to a multiple of 8: no case's own size
+    assert fp.num_cases == 5
+    assert fp.foreground_fraction == round(fp.foreground_fraction, 2)
