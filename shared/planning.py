@@ -168,7 +168,7 @@ class PlannerRules:
     base_channels: dict[int, int] = field(default_factory=lambda: {2: 16, 3: 8})
     max_channels: dict[int, int] = field(default_factory=lambda: {2: 256, 3: 128})
     batch_size: dict[int, int] = field(default_factory=lambda: {2: 8, 3: 2})
-    voxels_per_site: dict[int, int] = field(default_factory=lambda: {2: 500 * 8 * 256 * 256,
+    voxels_per_site: dict[int, int] = field(default_factory=lambda: {2: 800 * 8 * 256 * 256,
                                                                      3: 400 * 2 * 64 * 64 * 48})
     rounds: int = 10
     min_steps: int = 20

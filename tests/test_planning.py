@@ -28,7 +28,7 @@ def test_thick_structures_on_large_radiographs_plan_whole_downsampled_images() -
     plan = make_plan([_fp(), _fp(num_cases=300, dark_fraction=0.01)])
     assert plan.to_run_config() == {
         "in-channels": 1, "resize": "256,256", "patch-size": "256,256",
-        "channels": "16,32,64,128,256", "batch-size": 8, "local-steps": 50,
+        "channels": "16,32,64,128,256", "batch-size": 8, "local-steps": 80,
         "num-server-rounds": 10, "normalization": "zscore", "learning-rate": 0.002,
         "lr-schedule": "cosine",
     }
