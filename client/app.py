@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from threading import Lock
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -22,6 +22,7 @@ from client.fingerprint import fingerprint_site
 from client.trainer import SiteTrainer, TrainResult
 from shared import protocol as p
 from shared.config import ModelSpec, TrainPlan
+from shared.errors import ConfigError, DataError
 from shared.privacy import PrivacyRequest, resolve_privacy
 from shared.weights import from_record, to_record
 
@@ -57,6 +58,43 @@ class TrainerCache:
             if key not in self._trainers:
                 self._trainers[key] = SiteTrainer(site, spec)
             return self._trainers[key]
+
+
+_GENERIC = {
+    p.ERROR_DATA: "a file of the site's data cannot be used",
+    p.ERROR_CONFIG: "the site's configuration or this round's config cannot be used",
+    p.ERROR_MEMORY: "the site ran out of memory",
+    p.ERROR_INTERNAL: "the site failed",
+}
+
+
+def error_code(exc: BaseException) -> int:
+    """Return the error code a site reports for ``exc`` (its text is never sent)."""
+    if isinstance(exc, DataError):
+        return p.ERROR_DATA
+    if isinstance(exc, ConfigError):
+        return p.ERROR_CONFIG
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return p.ERROR_MEMORY
+    return p.ERROR_INTERNAL
+
+
+def private_errors_mod(msg: Message, context: Context,
+                       call_next: ClientAppCallable) -> Message:
+    """Turn a failure at the site into an error reply that names no file or case.
+
+    Flower would send the exception's text to the server, and fedseg's own messages
+    name files, whose names may hold patients' names. The reply carries a code and
+    a generic reason; the full message goes to the site's own log.
+    """
+    try:
+        return call_next(msg, context)
+    except Exception as exc:
+        code = error_code(exc)
+        log.exception("fedseg site error %d in %s", code, msg.metadata.message_type)
+        reason = (f"{_GENERIC[code]} ({type(exc).__name__}, code {code}); the details are "
+                  "in the site's own log")
+        return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def clip_update_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -119,7 +157,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
     flwr.clientapp.ClientApp
         An app answering ``train``, ``evaluate`` and ``query.fingerprint`` messages.
     """
-    app = ClientApp()
+    app = ClientApp(mods=[private_errors_mod])
     cache = TrainerCache()
 
     @app.train(mods=[clip_update_mod])

@@ -27,3 +27,10 @@ REASON = "reason"          # why it declined
 
 FINGERPRINT = "fingerprint"    # MetricRecord: a site's data fingerprint (aggregates only)
 FINGERPRINT_QUERY = "query.fingerprint"  # message type asking a site for its fingerprint
+
+# Error codes a site replies with instead of its exception's text, which can name files
+# (and so patients); the full message stays in the site's own log.
+ERROR_INTERNAL = 9100      # any other failure at the site
+ERROR_DATA = 9101          # a file of the site's data set cannot be used
+ERROR_CONFIG = 9102        # a bad node config, or a round config the site cannot follow
+ERROR_MEMORY = 9103        # out of memory (GPU or CPU)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,32 @@ def test_site_fingerprint_holds_only_coarse_aggregates() -> None:
     assert fp.shape == (72, 72)  # median 70 rounded to a multiple of 8: no case's own size
     assert fp.num_cases == 5
     assert fp.foreground_fraction == round(fp.foreground_fraction, 2)
+
+
+def test_fingerprint_reply_through_the_client_app_holds_only_aggregates(tmp_path: Path) -> None:
+    from flwr.app import Context, Message, RecordDict
+
+    from client.app import make_client_app
+    from client.config import SiteConfig
+    from client.data_contract import discover_cases
+    from shared import protocol as p
+    from simulations.phantoms import write_synthetic_federation
+
+    folder = write_synthetic_federation(tmp_path, num_sites=1, cases_per_site=7,
+                                        shape=(40, 40))[0]
+    app = make_client_app(lambda ctx: SiteConfig(data_path=folder, site_name="site-a"))
+    query = Message(RecordDict(), dst_node_id=1, message_type=p.FINGERPRINT_QUERY)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = app(query, context)
+    assert not reply.has_error()
+    content = reply.content
+    assert set(content.metric_records) == {p.FINGERPRINT}
+    assert not content.array_records
+    assert dict(content.config_records[p.SITE]) == {p.SITE_NAME: "site-a"}
+    record = content.metric_records[p.FINGERPRINT]
+    assert tuple(record.keys()) == FINGERPRINT_KEYS
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in record.values())
+    text = repr(dict(record))
+    for case in discover_cases(folder):      # no case name or path, even inside a number's text
+        assert case.case_id not in text and str(case.image) not in text
+    assert Fingerprint.from_record(dict(record), "site-a").num_cases == 6  # the train split
