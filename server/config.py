@@ -59,6 +59,20 @@ class RunConfig:
                                       exclusive_minimum=True)
     round_timeout: float = number("round-timeout", 3600.0, "seconds to wait for replies in each "
                                   "phase of a round", minimum=0.0, exclusive_minimum=True)
+    trim_fraction: float = number("trim-fraction", 0.2, "share of values cut at each end "
+                                  "(strategy fedtrimmedavg)", minimum=0.0, maximum=0.5,
+                                  exclusive_maximum=True)
+    num_malicious_nodes: int = integer("num-malicious-nodes", 0, "sites assumed hostile "
+                                       "(strategy krum)", minimum=0)
+    update_norm_ratio: float = number("update-norm-ratio", 10.0, "an update whose norm is above "
+                                      "this multiple of the typical site's is rejected",
+                                      minimum=1.0, exclusive_minimum=True)
+    max_update_norm: float = number("max-update-norm", 0.0, "an update whose norm is above "
+                                    "this is rejected; 0: no absolute bound", minimum=0.0)
+    max_model_growth: float = number("max-model-growth", 10.0, "a server step that would grow "
+                                     "the global model's norm by more than this factor (or "
+                                     "make it non-finite) is refused; the previous model is "
+                                     "kept", minimum=1.0, exclusive_minimum=True)
     model: ModelSpec = section(ModelSpec)
     training: TrainPlan = section(TrainPlan)
     output_dir: Path = path("output-dir", Path("runs"), "where the ServerApp writes "

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from server.config import RunConfig
 from server.history import MetricsHistory, RoundRecord, SiteRound
 from server.strategies import build_strategy
+from server.validation import norm_outliers, step_problem, update_norm, update_problem
 from shared import protocol as p
 from shared.atomic import write_text_atomic
 from shared.checkpoint import Checkpoint
@@ -167,6 +168,28 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
     return ok
 
 
+def _reject_bad_updates(record: RoundRecord, replies: list[Message], reference: NDArrays,
+                        config: RunConfig) -> list[Message]:
+    """Drop, and record against their site, updates of the wrong layout or size."""
+    checked: list[tuple[SiteRound, Message, float]] = []
+    for msg in replies:
+        entry = next(s for s in record.sites if s.node_id == msg.metadata.src_node_id)
+        update = from_record(msg.content.array_records[p.ARRAYS])
+        problem = update_problem(reference, update)
+        if problem is not None:
+            entry.error = f"train: update rejected ({problem})"
+            log.warning("site %s: update rejected: %s", entry.site, problem)
+            continue
+        checked.append((entry, msg, update_norm(reference, update)))
+    outliers = norm_outliers({str(e.node_id): n for e, _, n in checked},
+                             config.update_norm_ratio, config.max_update_norm)
+    for entry, _, _ in checked:
+        if str(entry.node_id) in outliers:
+            entry.error = f"train: update rejected ({outliers[str(entry.node_id)]})"
+            log.warning("site %s: update rejected: %s", entry.site, outliers[str(entry.node_id)])
+    return [msg for entry, msg, _ in checked if str(entry.node_id) not in outliers]
+
+
 def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: FederationState
               ) -> FederationState:
     """Run one round of training and evaluation and return the new state.
@@ -200,12 +223,19 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
     record.train_seconds = time.monotonic() - started
     known = state.history.site_names()
     ok = _record_replies(record, sent, replies, "train", known)
+    ok = _reject_bad_updates(record, ok, state.weights, config)
     weights = state.weights
     if len(ok) >= config.min_train_nodes:
         arrays, _ = strategy.aggregate_train(rnd, ok)
         if arrays is not None:
-            weights = from_record(arrays)
-            record.aggregated = True
+            proposed = from_record(arrays)
+            problem = step_problem(state.weights, proposed, config.max_model_growth)
+            if problem is None:
+                weights = proposed
+                record.aggregated = True
+            else:
+                record.step_refused = problem
+                log.warning("round %d: keeping the previous global model: %s", rnd, problem)
     else:
         log.warning("round %d: %d of the required %d sites returned weights; keeping the "
                     "previous global model", rnd, len(ok), config.min_train_nodes)

@@ -44,6 +44,8 @@ class RoundRecord:
     # Wall-clock seconds of each phase, each bounded by round-timeout.
     train_seconds: float | None = None
     evaluate_seconds: float | None = None
+    # Why the aggregated model was refused and the previous one kept (None: accepted).
+    step_refused: str | None = None
 
     def site(self, node_id: int, name: str) -> SiteRound:
         """Return the entry of ``node_id``, adding it on first use."""

@@ -1,11 +1,9 @@
 """Flower's aggregation strategies and central-DP wrappers, one registry entry each.
 
 Every strategy gets the same constructor arguments (written once in
-:func:`build_base_strategy`) plus its own options from its entry. A robust
-aggregation rule is one more entry, e.g.
-``"fedmedian": StrategyType(FedMedian, "coordinate-wise median")`` or
-``"fedtrimmedavg": StrategyType(FedTrimmedAvg, "trimmed mean",
-lambda c: {"beta": 0.2})``.
+:func:`build_base_strategy`) plus its own options from its entry. The robust rules
+(median, trimmed mean, Krum) are Flower's own; every update is validated before
+any of them sees it (:mod:`server.validation`).
 """
 
 from __future__ import annotations
@@ -19,7 +17,10 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    Krum,
     Strategy,
 )
 
@@ -45,6 +46,10 @@ class StrategySettings(Protocol):
     def min_evaluate_nodes(self) -> int: ...  # noqa: D102
     @property
     def training(self) -> TrainPlan: ...  # noqa: D102
+    @property
+    def trim_fraction(self) -> float: ...  # noqa: D102
+    @property
+    def num_malicious_nodes(self) -> int: ...  # noqa: D102
     @property
     def central_dp(self) -> str: ...  # noqa: D102
     @property
@@ -87,6 +92,14 @@ STRATEGIES: Registry[StrategyType] = Registry("strategy", {
     "fedadam": StrategyType(FedAdam, "Adam on the server", lambda c: {
         "eta": c.server_learning_rate, "eta_l": c.training.learning_rate,
         "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}),
+    "fedmedian": StrategyType(FedMedian, "coordinate-wise median (robust to a minority of "
+                              "bad sites)"),
+    "fedtrimmedavg": StrategyType(FedTrimmedAvg, "mean after dropping the trim-fraction largest "
+                                  "and smallest values of every coordinate",
+                                  lambda c: {"beta": c.trim_fraction}),
+    "krum": StrategyType(Krum, "the update closest to its neighbours (Blanchard et al., 2017); "
+                         "needs more than 2 * num-malicious-nodes + 2 sites",
+                         lambda c: {"num_malicious_nodes": c.num_malicious_nodes}),
 })
 
 

@@ -67,4 +67,5 @@ def test_registries_suggest_the_closest_name() -> None:
         RunConfig.from_user_config({"strategy": "fedprx"})
     with pytest.raises(UnknownNameError, match=r"did you mean 'unet'\?"):
         NETWORKS["unett"]
-    assert STRATEGIES.names() == ("fedavg", "fedprox", "fedadam")
+    assert STRATEGIES.names() == ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg",
+                                  "krum")
