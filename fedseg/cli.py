@@ -54,6 +54,7 @@ def _parse_overrides(text: list[str] | None) -> dict[str, Any]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from fedseg.report import write_report
     from server.history import MetricsHistory
     from server.report import format_summary
     from shared.run_files import RunFiles
@@ -77,6 +78,14 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"metrics     {outcome.metrics_json}")
     print(f"            {outcome.metrics_csv}")
     print(f"checkpoints {RunFiles(outcome.run_dir).checkpoints}")
+    print(f"report      {write_report(outcome.run_dir)}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedseg.report import write_report
+
+    print(f"report {write_report(args.run_dir, args.output)}")
     return 0
 
 
@@ -202,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-config", action="append", default=None, metavar="'KEY=VALUE ...'",
                      help="run-config overrides, same syntax as flwr run --run-config")
     sim.set_defaults(func=_simulate)
+
+    report = verbs.add_parser(
+        "report", help="write a run's report: one self-contained HTML file",
+        description="Reads a run folder (metrics.json, and plan.json, cross-site.json and "
+                    "overlays/ where present) and writes one HTML file with plots of Dice "
+                    "and loss per round and site, the per-site table, privacy budget, "
+                    "failures and refusals, and phase times. It loads nothing from the "
+                    "network; open it in any browser. 'fedseg simulate' writes it too.")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="a run folder, e.g. runs/run-20250101-120000")
+    report.add_argument("--output", type=Path, default=None, metavar="FILE",
+                        help="the HTML file to write (default RUN_DIR/report.html)")
+    report.set_defaults(func=_report)
 
     plan = verbs.add_parser(
         "plan", help="print the training plan for a folder of sites, without training",

@@ -15,6 +15,9 @@ METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 CHECKPOINTS = "checkpoints"
 PLAN_JSON = "plan.json"
+REPORT_HTML = "report.html"
+CROSS_SITE_JSON = "cross-site.json"
+OVERLAYS = "overlays"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,34 @@ class RunFiles:
     def plan_json(self) -> Path:
         """The plan made from the sites' fingerprints (absent when nothing was planned)."""
         return self.path / PLAN_JSON
+
+    @property
+    def report_html(self) -> Path:
+        """The run report: one self-contained HTML file (``fedseg report``)."""
+        return self.path / REPORT_HTML
+
+    @property
+    def cross_site_json(self) -> Path:
+        """Cross-site evaluation: every model's Dice on every site's validation cases.
+
+        Absent unless something evaluated the models across sites. The format is
+        ``{"sites": [S names], "models": [M names], "dice": [[...] * M] * S}``:
+        ``dice[i][j]`` is the case-weighted mean foreground Dice of model ``j`` on
+        site ``i``'s validation cases, a number in [0, 1] or ``null`` where that pair
+        was not evaluated. Other keys are ignored.
+        """
+        return self.path / CROSS_SITE_JSON
+
+    @property
+    def overlays(self) -> Path:
+        """A folder of PNG overlays of predicted masks on validation images.
+
+        Absent unless a site chose to publish some (a site's images never leave it
+        in a federated run): each ``*.png`` shows the predicted mask as contours on
+        the image and the uncertainty as a heat map; the report shows the file name
+        as the caption.
+        """
+        return self.path / OVERLAYS
 
     @property
     def checkpoints(self) -> Path:
