@@ -11,12 +11,28 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def format_round(record: RoundRecord, num_rounds: int) -> list[str]:
-    """Return one header line and one line per site for a finished round."""
+def format_duration(seconds: float) -> str:
+    """Return ``seconds`` as a person reads a wait: ``40 s``, ``3 min 20 s``, ``1 h 05 min``."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def format_round(record: RoundRecord, num_rounds: int,
+                 seconds_left: float | None = None) -> list[str]:
+    """Return one header line and one line per site for a finished round.
+
+    ``seconds_left``, when given and rounds remain, is shown as the time left.
+    """
     status = "" if record.aggregated else "  (not aggregated: too few sites replied)"
     took = ""
     if record.train_seconds is not None and record.evaluate_seconds is not None:
-        took = f"  ({record.train_seconds + record.evaluate_seconds:.0f} s)"
+        left = ("" if seconds_left is None or record.round >= num_rounds
+                else f", about {format_duration(seconds_left)} left")
+        took = f"  ({record.train_seconds + record.evaluate_seconds:.0f} s{left})"
     lines = [f"round {record.round}/{num_rounds}: mean val Dice {_num(record.mean_val_dice)}"
              f"  mean train loss {_num(record.mean_train_loss)}{took}{status}"]
     for s in record.sites:
@@ -41,10 +57,18 @@ class LineReporter:
 
     def __init__(self, emit: Callable[[str], None]) -> None:
         self.emit = emit
+        self._round_seconds: list[float] = []
 
     def round_finished(self, record: RoundRecord, num_rounds: int) -> None:
-        """Emit the round's header line and one line per site."""
-        for line in format_round(record, num_rounds):
+        """Emit the round's header line, with the time left, and one line per site."""
+        if record.train_seconds is not None and record.evaluate_seconds is not None:
+            self._round_seconds.append(record.train_seconds + record.evaluate_seconds)
+        left = None
+        if self._round_seconds:
+            # Rounds take alike (same sites, same steps), so the mean so far extrapolates.
+            mean = sum(self._round_seconds) / len(self._round_seconds)
+            left = mean * max(0, num_rounds - record.round)
+        for line in format_round(record, num_rounds, left):
             self.emit(line)
 
 

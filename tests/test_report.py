@@ -1,4 +1,4 @@
-"""The run report (``fedseg report``)."""
+"""The run report (``fedseg report``) and the time left on the console's round line."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image
 from fedseg.cli import EXIT_BAD_INPUT, main
 from fedseg.report import write_report
 from server.history import MetricsHistory, RoundRecord, SiteRound
+from server.report import LineReporter, format_duration
 from shared.run_files import RunFiles
 
 PNG_PREFIX = "data:image/png;base64,"
@@ -277,3 +278,16 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     blue, orange = site_line_pixels(screenshot)
     assert blue > 300 and orange > 300, (blue, orange)
 
+
+def test_round_line_shows_time_left() -> None:
+    lines: list[str] = []
+    reporter = LineReporter(lines.append)
+    history = build_history()
+    for record in history.rounds:
+        reporter.round_finished(record, 3)
+    headers = [line for line in lines if line.startswith("round ")]
+    # Round 1 took 12 s: 2 rounds left at 12 s; round 2 took 16 s: 1 round at 14 s.
+    assert headers[0].endswith("(12 s, about 24 s left)")
+    assert "(16 s, about 14 s left)" in headers[1]
+    assert headers[2].endswith("(14 s)")  # the last round: nothing left to estimate
+    assert [format_duration(s) for s in (40, 200, 3900)] == ["40 s", "3 min 20 s", "1 h 05 min"]
