@@ -291,3 +291,20 @@ def test_round_line_shows_time_left() -> None:
     assert "(16 s, about 14 s left)" in headers[1]
     assert headers[2].endswith("(14 s)")  # the last round: nothing left to estimate
     assert [format_duration(s) for s in (40, 200, 3900)] == ["40 s", "3 min 20 s", "1 h 05 min"]
+
+
+def test_simulate_ends_by_writing_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import simulations.simulate as simulate
+
+    files = build_run(tmp_path)
+
+    def finished_run(request: simulate.SimulationRequest) -> simulate.SimulationOutcome:
+        # What a finished simulation leaves, without training: the report reads only files.
+        return simulate.SimulationOutcome(files.path, files.metrics_json, files.metrics_csv,
+                                          files.final_model, 12.0)
+
+    monkeypatch.setattr(simulate, "run_simulation", finished_run)
+    assert main(["simulate", "--output", str(tmp_path)]) == 0
+    assert f"report      {files.report_html}" in capsys.readouterr().out.splitlines()
+    assert sum(src.startswith(PNG_PREFIX) for src in parse(files.report_html).images) == 3
