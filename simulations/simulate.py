@@ -29,6 +29,7 @@ from shared.errors import DataError
 from shared.planning import Plan, make_plan
 from shared.run_files import RunFiles
 from shared.settings import AUTO
+from simulations.cross_site import write_cross_site
 
 # Settings that make the built-in synthetic task converge in a few minutes on 2 CPUs;
 # every planned key is set, so the synthetic run needs no planning round. Real data
@@ -209,11 +210,13 @@ def run_simulation(request: SimulationRequest,
     for line in preflight(sites, spec):
         echo(line)
     _run_flower(values, sites, run_dir, echo)
-    wall = time.monotonic() - started
     files = RunFiles(run_dir)
     if not files.final_model.is_file():
         raise RuntimeError(f"the simulation ended without writing {files.final_model}; "
                            "see the log above")
+    echo("cross-site evaluation: each site's deployed model on every site's validation cases")
+    write_cross_site(run_dir, sites)
+    wall = time.monotonic() - started
     return SimulationOutcome(run_dir, files.metrics_json, files.metrics_csv,
                              files.final_model, wall)
 
