@@ -6,7 +6,8 @@ nibabel, Pillow or zlib escapes.
 
 Arrays are kept exactly as stored: PNG/JPEG as ``(row, col[, channel])`` and NIfTI
 as ``(X, Y[, Z][, ...])`` in voxel order, without reorientation. :func:`write_mask`
-writes in the same orientation, so reading a written mask gives back the array.
+and :func:`write_map` write in the same orientation, so reading a written mask gives
+back the array.
 """
 
 from __future__ import annotations
@@ -353,14 +354,63 @@ def _mask_uint8(mask: np.ndarray, like: ImageFile) -> np.ndarray:
 
 
 def _nifti_mask(values: np.ndarray, like: ImageFile) -> nib.Nifti1Image:
+    return _nifti_like(values, like, np.uint8, display_max=0.0)
+
+
+def _nifti_like(values: np.ndarray, like: ImageFile, dtype: type[np.generic],
+                display_max: float) -> nib.Nifti1Image:
     header = like.header if like.fmt == "nifti" else None
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     if header is not None and not isinstance(header, nib.Nifti1Header):
         header = None  # e.g. Analyze; keep the affine only
     img = image_class(values, like.affine, header=header)
-    img.set_data_dtype(np.uint8)
+    img.set_data_dtype(dtype)
     img.header.set_slope_inter(None, None)
     img.header.set_intent("none")
     img.header["cal_min"] = 0
-    img.header["cal_max"] = 0
+    img.header["cal_max"] = display_max
     return img
+
+
+def write_map(values: np.ndarray, like: ImageFile, path: Path) -> None:
+    """Write a per-voxel map with values in ``[0, 1]`` in the geometry of an image, atomically.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Finite values in ``[0, 1]``, shaped like the spatial axes of ``like.array``.
+    like : ImageFile
+        The image the map belongs to; a NIfTI map gets its affine and header, as
+        :func:`write_mask` gives a mask.
+    path : pathlib.Path
+        ``.nii.gz``/``.nii`` writes float32 NIfTI (display window 0 to 1);
+        ``.png`` writes an 8-bit greyscale PNG of the image's size, 0 to 255 for
+        0 to 1, which any viewer shows without settings.
+
+    Raises
+    ------
+    DataError
+        ``path`` is not ``.nii.gz``, ``.nii`` or ``.png``.
+    ValueError
+        ``values`` are outside ``[0, 1]``, not finite, or do not fit ``like``.
+
+    """
+    path = Path(path)
+    suffix = _suffix(path.name)
+    if not suffix or _FORMATS[suffix] == "jpeg":
+        raise DataError(path, "is not a supported map file name", "use .nii.gz, .nii or .png")
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim < 2 or like.array.shape[: values.ndim] != values.shape:
+        raise ValueError(f"map shape {values.shape} does not match the image's spatial shape "
+                         f"{like.array.shape[: max(values.ndim, 2)]}")
+    if values.size and not (np.all(np.isfinite(values)) and values.min() >= 0
+                            and values.max() <= 1):
+        raise ValueError("map values must be finite and in [0, 1]")
+    if _FORMATS[suffix] == "png":
+        if values.ndim != 2:
+            raise ValueError(f"a PNG map must be 2D, got shape {values.shape} for {path}")
+        picture = Image.fromarray(np.round(values * 255).astype(np.uint8))
+        write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"), suffix=suffix)
+        return
+    nifti = _nifti_like(values, like, np.float32, display_max=1.0)
+    write_atomic(path, lambda tmp: nib.save(nifti, str(tmp)), suffix=suffix)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,30 +19,109 @@ from client.imaging import (
     mask_name,
     strip_suffix,
     unreadable_link,
+    write_map,
     write_mask,
 )
-from client.inference import predict_classes
+from client.inference import predict_classes, predict_with_uncertainty
 from client.site_state import FILE_NAME as LOCAL_LAYERS
 from client.site_state import load_local_layers
 from client.trainer import resolve_device
+from shared.atomic import write_text_atomic
 from shared.checkpoint import Checkpoint
 from shared.errors import DataError
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
 from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
 
+UNCERTAINTY_SUFFIX = "_uncertainty"
+"""Added to a mask's name (before its suffix) to name the case's uncertainty map."""
+UNCERTAINTY_CSV = "uncertainty.csv"
+"""The per-case uncertainty summary in the output folder, most uncertain case first."""
+CSV_COLUMNS = ("image", "mask", "uncertainty_map", "structure_voxels", "mean_uncertainty",
+               "mean_over", "max_uncertainty")
+"""Columns of :data:`UNCERTAINTY_CSV`."""
+OVER_STRUCTURE = "predicted structure"
+OVER_WHOLE_IMAGE = "whole image (empty mask)"
+
+
+@dataclass(frozen=True)
+class CaseUncertainty:
+    """The uncertainty map written for one case, and its summary.
+
+    Attributes
+    ----------
+    map : pathlib.Path
+        The written map (see :func:`uncertainty_path`).
+    structure_voxels : int
+        Voxels of the predicted structure (any class other than background).
+    mean : float
+        Mean uncertainty over those voxels; over the whole image when the mask is
+        empty, as an empty mask says nothing about where to look.
+    over_structure : bool
+        False when ``mean`` is over the whole image because the mask is empty.
+    max : float
+        Largest uncertainty anywhere in the image.
+    """
+
+    map: Path
+    structure_voxels: int
+    mean: float
+    over_structure: bool
+    max: float
+
 
 @dataclass(frozen=True)
 class Prediction:
-    """One written mask."""
+    """One written mask, with its uncertainty map when one was asked for."""
 
     image: Path
     mask: Path
+    uncertainty: CaseUncertainty | None = None
 
 
 def mask_path(image: Path, output: Path) -> Path:
     """Return where the mask of ``image`` goes: same name, NIfTI stays NIfTI, else PNG."""
     return output / mask_name(image.name)
+
+
+def uncertainty_path(image: Path, output: Path) -> Path:
+    """Return where the uncertainty map of ``image`` goes: the mask's name plus ``_uncertainty``.
+
+    ``a.jpg`` gives ``a_uncertainty.png`` and ``b.nii.gz`` gives
+    ``b_uncertainty.nii.gz``: the map has its mask's format and geometry.
+    """
+    mask = mask_name(image.name)
+    stem = strip_suffix(mask)
+    return output / f"{stem}{UNCERTAINTY_SUFFIX}{mask[len(stem):]}"
+
+
+def summarise_uncertainty(classes: np.ndarray, uncertainty: np.ndarray,
+                          map_file: Path) -> CaseUncertainty:
+    """Return the per-case summary of an uncertainty map and the mask predicted with it."""
+    structure = classes > 0
+    voxels = int(np.count_nonzero(structure))
+    inside = uncertainty[structure] if voxels else uncertainty
+    return CaseUncertainty(map=map_file, structure_voxels=voxels, mean=float(inside.mean()),
+                           over_structure=bool(voxels), max=float(uncertainty.max()))
+
+
+def uncertainty_table(predictions: list[Prediction]) -> str:
+    """Return :data:`UNCERTAINTY_CSV`'s text: one row per case, most uncertain first.
+
+    Mask and map are named by file name (they sit beside the table); images by
+    the path they were read from.
+    """
+    cases = [(p, p.uncertainty) for p in predictions if p.uncertainty is not None]
+    cases.sort(key=lambda item: (-item[1].mean, item[0].image.name))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for prediction, case in cases:
+        writer.writerow([str(prediction.image), prediction.mask.name, case.map.name,
+                         case.structure_voxels, f"{case.mean:.6f}",
+                         OVER_STRUCTURE if case.over_structure else OVER_WHOLE_IMAGE,
+                         f"{case.max:.6f}"])
+    return buffer.getvalue()
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -83,39 +166,64 @@ def check_output_folder(input_dir: Path, output_dir: Path) -> None:
         raise DataError(output_dir, what, "pass a folder you can write to")
 
 
-def check_mask_names(images: list[Path], output_dir: Path) -> None:
-    """Refuse two images whose masks would share a file, or a mask that is an image.
+def _outputs(image: Path, output_dir: Path, uncertainty: bool) -> list[tuple[str, Path]]:
+    outputs = [("mask", mask_path(image, output_dir))]
+    if uncertainty:
+        outputs.append(("uncertainty map", uncertainty_path(image, output_dir)))
+    return outputs
+
+
+def check_mask_names(images: list[Path], output_dir: Path, uncertainty: bool = False) -> None:
+    """Refuse two images whose outputs would share a file, or an output that is an image.
 
     ``a.png``, ``a.jpg`` and ``a.PNG`` all give ``a.png``; names are compared
     without case, as on macOS and Windows file systems. An input image linked
-    from the output folder would be overwritten by its own mask.
+    from the output folder would be overwritten by its own mask. With
+    ``uncertainty`` the maps and :data:`UNCERTAINTY_CSV` are checked too: the
+    map of ``a.png`` is ``a_uncertainty.png``, the mask of an input image of
+    that name.
 
     Raises
     ------
     DataError
-        Naming both images and the shared mask, or the mask and the image.
+        Naming both images and the shared file, or the output and the image.
 
     """
     sources = {image.resolve(): image for image in images}
-    seen: dict[str, Path] = {}
+    fix_link = "pass an --output folder that holds none of the input images"
+    table = output_dir / UNCERTAINTY_CSV
+    if uncertainty and table.resolve() in sources:
+        raise DataError(table, f"is the input image {sources[table.resolve()]} (through a "
+                        "link), so the uncertainty summary would replace it", fix_link)
+    seen: dict[str, tuple[Path, str]] = {}
     for image in images:
-        target = mask_path(image, output_dir)
-        if target.resolve() in sources:
-            raise DataError(
-                target,
-                f"is the input image {sources[target.resolve()]} (through a link), so its "
-                "mask would replace it",
-                "pass an --output folder that holds none of the input images",
-            )
-        key = target.name.casefold()
-        if key in seen:
+        for kind, target in _outputs(image, output_dir, uncertainty):
+            if target.resolve() in sources:
+                raise DataError(
+                    target,
+                    f"is the input image {sources[target.resolve()]} (through a link), so its "
+                    f"{kind} would replace it",
+                    fix_link,
+                )
+            key = target.name.casefold()
+            if key not in seen:
+                seen[key] = (image, kind)
+                continue
+            other, other_kind = seen[key]
+            if kind == other_kind == "mask":
+                raise DataError(
+                    image,
+                    f"would get the same mask file {target.name} as "
+                    f"{other.name}",
+                    "rename one of them so that their names differ without the suffix",
+                )
             raise DataError(
                 image,
-                f"would get the same mask file {target.name} as "
-                f"{seen[key].name}",
-                "rename one of them so that their names differ without the suffix",
+                f"would get the file {target.name} as its {kind}, which is also the "
+                f"{other_kind} of {other.name}",
+                f"rename one of them: a map is named like its mask with "
+                f"'{UNCERTAINTY_SUFFIX}' added",
             )
-        seen[key] = image
 
 
 def check_finite(weights: NDArrays, source: Path) -> None:
@@ -209,13 +317,29 @@ def load_site_network(model: Path, site_state: Path | None) -> SiteNetwork:
     return SiteNetwork(net, checkpoint, local_names)
 
 
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise DataError(path, f"cannot be written ({exc.strerror})",
+                        "free disk space or pass a folder you can write to") from None
+
+
 def predict_folder(model: Path, input_dir: Path, output_dir: Path,
-                   site_state: Path | None = None, device: str = "auto") -> list[Prediction]:
+                   site_state: Path | None = None, device: str = "auto",
+                   uncertainty: bool = False) -> list[Prediction]:
     """Segment every image in ``input_dir`` and write masks into ``output_dir``.
 
     NIfTI masks keep the input's affine and header; 2D images give PNG masks.
-    Every check (input, output folder, mask names, model) runs before anything is
-    written, so a refused call leaves the disk as it was.
+    Every check (input, output folder, output names, model) runs before anything
+    is written, so a refused call leaves the disk as it was.
+
+    With ``uncertainty`` each image is predicted by test-time augmentation over
+    flips (:func:`~client.inference.predict_with_uncertainty`): its mask is the
+    flip-averaged prediction, an uncertainty map in the mask's format and
+    geometry goes beside it (:func:`uncertainty_path`), and
+    :data:`UNCERTAINTY_CSV` lists the cases, most uncertain first.
 
     Raises
     ------
@@ -226,7 +350,7 @@ def predict_folder(model: Path, input_dir: Path, output_dir: Path,
     """
     images = list_images(input_dir)
     check_output_folder(input_dir, output_dir)
-    check_mask_names(images, output_dir)
+    check_mask_names(images, output_dir, uncertainty)
     site_net = load_site_network(model, site_state)
     net, spec = site_net.net, site_net.checkpoint.spec
     torch_device = resolve_device(device)
@@ -240,12 +364,23 @@ def predict_folder(model: Path, input_dir: Path, output_dir: Path,
     for image in images:
         array, source = load_image_for_inference(image, spec.in_channels, spec.spatial_dims,
                                                  spec.normalization)
-        mask = predict_classes(net, array, spec.patch_size, torch_device, spec.resize)
         out = mask_path(image, output_dir)
-        try:
+        summary = None
+        if uncertainty:
+            result = predict_with_uncertainty(net, array, spec.patch_size, torch_device,
+                                              spec.resize)
+            mask = result.classes
+            map_out = uncertainty_path(image, output_dir)
+            with _writing(map_out):
+                write_map(result.uncertainty, source, map_out)
+            summary = summarise_uncertainty(mask, result.uncertainty, map_out)
+        else:
+            mask = predict_classes(net, array, spec.patch_size, torch_device, spec.resize)
+        with _writing(out):
             write_mask(mask, source, out, num_classes=spec.num_classes)
-        except OSError as exc:
-            raise DataError(out, f"cannot be written ({exc.strerror})",
-                            "free disk space or pass a folder you can write to") from None
-        written.append(Prediction(image, out))
+        written.append(Prediction(image, out, summary))
+    if uncertainty:
+        table = output_dir / UNCERTAINTY_CSV
+        with _writing(table):
+            write_text_atomic(table, uncertainty_table(written))
     return written

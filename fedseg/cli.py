@@ -163,12 +163,21 @@ def _coordinator_certs(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from client.predict import predict_folder
+    from client.predict import UNCERTAINTY_CSV, predict_folder
 
-    written = predict_folder(args.model, args.input, args.output, args.site_state, args.device)
+    written = predict_folder(args.model, args.input, args.output, args.site_state, args.device,
+                             args.uncertainty)
     for item in written:
-        print(f"{item.image} -> {item.mask}")
+        case = item.uncertainty
+        if case is None:
+            print(f"{item.image} -> {item.mask}")
+        else:
+            print(f"{item.image} -> {item.mask}, {case.map.name} "
+                  f"(mean uncertainty {case.mean:.3f})")
     print(f"{len(written)} masks written to {args.output}")
+    if args.uncertainty:
+        print(f"uncertainty maps beside them; cases by mean uncertainty, most uncertain "
+              f"first: {args.output / UNCERTAINTY_CSV}")
     return 0
 
 
@@ -296,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--input", type=Path, required=True, help="folder of images")
     pred.add_argument("--output", type=Path, required=True, help="folder for the masks")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pred.add_argument("--uncertainty", action="store_true",
+                      help="predict every image flipped along each combination of axes (4 "
+                           "passes in 2D, 8 in 3D) and average: masks are then the averaged "
+                           "prediction, and NAME_uncertainty.png/.nii.gz beside each mask holds "
+                           "the per-voxel normalised entropy (0 certain, 1 undecided; PNG "
+                           "0-255); uncertainty.csv lists the cases, most uncertain first")
     pred.set_defaults(func=_predict)
 
     export = verbs.add_parser(
