@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,49 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
+Predictor = Callable[[np.ndarray], np.ndarray]
+"""Maps one channel-first, normalised image to its class map at the image's own size."""
+
+
+def cross_site_matrix(models: Sequence[tuple[str, Predictor]], data: Mapping[str, SiteData],
+                      num_classes: int) -> dict[str, Any]:
+    """Evaluate every model on every site's validation cases.
+
+    Parameters
+    ----------
+    models : sequence of (str, callable)
+        Each model's name and its predictor.
+    data : mapping of str to SiteData
+        Every site's cases, by site name; only the validation cases are used.
+    num_classes : int
+        Classes including background.
+
+    Returns
+    -------
+    dict
+        ``sites``, ``models`` and the ``dice``, ``hd95`` and ``asd`` matrices:
+        ``dice[i][j]`` is the mean over site ``i``'s validation cases of model
+        ``j``'s foreground Dice (``None`` where nothing was finite).
+    """
+    dice: list[list[float | None]] = [[None] * len(models) for _ in data]
+    hd95: list[list[float | None]] = [[None] * len(models) for _ in data]
+    asd: list[list[float | None]] = [[None] * len(models) for _ in data]
+    for j, (_, predict) in enumerate(models):
+        for i, site_data in enumerate(data.values()):
+            scores, hds, asds = [], [], []
+            for case in site_data.val:
+                pred = predict(case.image)
+                scores.append(case_dice(pred, case.label, num_classes))
+                h, a = _surface(pred, case.label, num_classes)
+                hds.append(h)
+                asds.append(a)
+            dice[i][j] = _mean(scores)
+            hd95[i][j] = _mean(hds)
+            asd[i][j] = _mean(asds)
+    return {"sites": list(data), "models": [name for name, _ in models], "dice": dice,
+            "hd95": hd95, "asd": asd, "metric_units": "voxels"}
+
+
 def cross_site_evaluation(run_dir: Path, sites: Sequence[SiteConfig]) -> dict[str, Any]:
     """Evaluate each site's deployed model on every site's validation cases.
 
@@ -59,28 +103,13 @@ def cross_site_evaluation(run_dir: Path, sites: Sequence[SiteConfig]) -> dict[st
     spec = checkpoint.spec
     data = {site.site_name: SiteData.load(site, spec) for site in sites}
     owners = list(sites) if spec.adaptation != "none" else [sites[0]]
-    models = ([f"{s.site_name} deployed" for s in owners] if spec.adaptation != "none"
-              else ["global"])
-    dice: list[list[float | None]] = [[None] * len(models) for _ in sites]
-    hd95: list[list[float | None]] = [[None] * len(models) for _ in sites]
-    asd: list[list[float | None]] = [[None] * len(models) for _ in sites]
-    for j, owner in enumerate(owners):
+    models: list[tuple[str, Predictor]] = []
+    for owner in owners:
         # The owner's trainer loads its own layers from its state folder.
         trainer = SiteTrainer(owner, spec, data[owner.site_name])
-        trainer.load_weights(checkpoint.weights)
-        for i, site in enumerate(sites):
-            scores, hds, asds = [], [], []
-            for case in data[site.site_name].val:
-                pred = trainer.predict(checkpoint.weights, case.image)
-                scores.append(case_dice(pred, case.label, spec.num_classes))
-                h, a = _surface(pred, case.label, spec.num_classes)
-                hds.append(h)
-                asds.append(a)
-            dice[i][j] = _mean(scores)
-            hd95[i][j] = _mean(hds)
-            asd[i][j] = _mean(asds)
-    return {"sites": [s.site_name for s in sites], "models": models, "dice": dice,
-            "hd95": hd95, "asd": asd, "metric_units": "voxels",
+        name = f"{owner.site_name} deployed" if spec.adaptation != "none" else "global"
+        models.append((name, partial(trainer.predict, checkpoint.weights)))
+    return {**cross_site_matrix(models, data, spec.num_classes),
             "round": checkpoint.server_round}
 
 

@@ -1,0 +1,113 @@
+"""The one evaluation command (issue 10): every method, several seeds, equal steps per site."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.federation import (
+    FEDERATED,
+    METHODS,
+    MethodRun,
+    acceptance,
+    main,
+    summarise,
+)
+from shared.partition import ADAPTATIONS
+from simulations.phantoms import write_synthetic_federation
+
+TINY = ["--rounds", "1", "--local-steps", "2", "--run-config", "channels='8,16' batch-size=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench-sites")
+    write_synthetic_federation(root, num_sites=2, cases_per_site=5, shape=(32, 32))
+    return root
+
+
+def _run(dice: dict[str, float], steps: dict[str, int]) -> MethodRun:
+    cross = {"sites": list(dice), "models": ["global"],
+             "dice": [[v] for v in dice.values()], "hd95": [[1.0]] * len(dice),
+             "asd": [[None]] * len(dice)}
+    return MethodRun([dice], steps, cross, 0.0)
+
+
+def test_every_site_local_mode_is_a_method() -> None:
+    assert METHODS[:4] == ("local-only", "pooled", "fedavg", "fedprox")
+    assert {m for m in ADAPTATIONS if m != "none"} <= set(FEDERATED)
+
+
+def test_summary_is_mean_and_sample_std_over_seeds_and_differences_per_site() -> None:
+    sites = ["a", "b"]
+    steps = {"a": 4, "b": 4}
+    runs = {
+        "local-only": [_run({"a": 0.5, "b": 0.7}, steps), _run({"a": 0.7, "b": 0.7}, steps)],
+        "pooled": [_run({"a": 0.8, "b": 0.8}, {"pooled": 8})] * 2,
+        "fedavg": [_run({"a": 0.6, "b": 0.8}, steps), _run({"a": 0.8, "b": 0.8}, steps)],
+    }
+    summary = summarise(runs, sites)
+    local = summary["local-only"]["dice"]
+    assert local["a"]["mean"] == pytest.approx(0.6)
+    assert local["a"]["std"] == pytest.approx(math.sqrt(0.02))  # sample std of 0.5, 0.7
+    assert local["b"]["std"] == 0.0
+    # The mean over sites is taken per seed, then over seeds: (0.6, 0.7).
+    assert local["mean"]["mean"] == pytest.approx(0.65)
+    assert local["mean"]["std"] == pytest.approx(math.sqrt(0.005))
+    assert summary["fedavg"]["vs_local_only"]["a"] == pytest.approx(0.1)
+    assert summary["fedavg"]["vs_pooled"]["mean"] == pytest.approx(-0.05)
+    assert summary["fedavg"]["cross_site"]["dice"] == [[pytest.approx(0.7)], [0.8]]
+    assert summary["fedavg"]["cross_site"]["asd"] == [[None], [None]]
+    verdict = acceptance(summary, sites)
+    assert verdict is not None and verdict["best_federated"] == "fedavg"
+    assert verdict["at_least_local_only_on_every_site"]
+    assert not verdict["within_pooled_margin"]
+
+
+def test_baselines_over_two_seeds_write_json_markdown_and_png(data: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    assert main(["--data", str(data), "--seeds", "2", "--methods", "local-only", "pooled",
+                 "--output", str(out), *TINY]) == 0
+    assert {p.name for p in out.glob("federation.*")} == {
+        "federation.json", "federation.md", "federation.png"}
+    assert (out / "federation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "federation.json").read_text())
+    sites = report["sites"]
+    assert sites == ["site-a", "site-b"] and report["seeds"] == [0, 1]
+    for method in ("local-only", "pooled"):
+        dice = report["summary"][method]["dice"]
+        for column in [*sites, "mean"]:
+            assert 0.0 <= dice[column]["mean"] <= 1.0 and dice[column]["std"] >= 0.0
+        assert len(report["runs"][method]) == 2
+    assert report["budget"] == {"rounds": 1, "local_steps": 2, "steps_per_site": 2,
+                                "pooled_steps": 4}
+    assert report["equal_steps"]
+    assert report["runs"]["pooled"][0]["steps"] == {"pooled": 4}
+    # Each site's own model is evaluated on every site.
+    cross = report["summary"]["local-only"]["cross_site"]
+    assert cross["models"] == ["site-a local", "site-b local"]
+    assert len(cross["dice"]) == 2 and all(len(row) == 2 for row in cross["dice"])
+    text = (out / "federation.md").read_text()
+    assert "| method | site-a | site-b | mean |" in text
+    assert text.count(" ± ") >= 6
+    assert "| pooled | +" in text  # the difference table
+
+
+@pytest.mark.e2e
+def test_federated_method_takes_the_same_steps_per_site(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    assert main(["--data", str(data), "--seeds", "1", "--methods", "local-only", "fedavg",
+                 "--output", str(out), *TINY]) == 0
+    report = json.loads((out / "federation.json").read_text())
+    steps = {m: runs[0]["steps"] for m, runs in report["runs"].items()}
+    assert steps["fedavg"] == steps["local-only"] == {"site-a": 2, "site-b": 2}
+    assert report["equal_steps"]
+    fedavg = report["summary"]["fedavg"]
+    assert fedavg["cross_site"]["models"] == ["global"]
+    assert fedavg["vs_local_only"].keys() == {"site-a", "site-b", "mean"}
+    assert len(fedavg["per_round"]["mean"]) == 1
+    assert "### fedavg" in (out / "federation.md").read_text()
