@@ -15,6 +15,8 @@ METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 CHECKPOINTS = "checkpoints"
 PLAN_JSON = "plan.json"
+RESUME_STATE = "resume-state.pt"
+SIMULATION_JSON = "simulation.json"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,16 @@ class RunFiles:
     def plan_json(self) -> Path:
         """The plan made from the sites' fingerprints (absent when nothing was planned)."""
         return self.path / PLAN_JSON
+
+    @property
+    def resume_state(self) -> Path:
+        """What a resumed run needs to continue after the last finished round."""
+        return self.path / RESUME_STATE
+
+    @property
+    def simulation_json(self) -> Path:
+        """The request of ``fedseg simulate`` (data, sites), so ``--resume`` alone suffices."""
+        return self.path / SIMULATION_JSON
 
     @property
     def checkpoints(self) -> Path:
