@@ -59,8 +59,8 @@ _FRESH = "leave resume-from empty to start a fresh run"
 class ResumeError(FedsegError):
     """A run cannot be continued from the folder ``resume-from`` names."""
 
-    def __init__(self, run_dir: Path, problem: str, fix: str) -> None:
-        super().__init__(f"resume-from {run_dir}: {problem}; {fix}")
+    def __init__(self, run_dir: Path, problem: str, fix: str, where: str = KEY) -> None:
+        super().__init__(f"{where} {run_dir}: {problem}; {fix}")
 
 
 def _base(strategy: Strategy) -> Strategy:
@@ -278,8 +278,17 @@ def resume_point(values: Mapping[str, Any]) -> ResumePoint | None:
         saved setting, or the run already has all of its rounds.
     """
     run_dir = requested(values)
-    if run_dir is None:
-        return None
+    return None if run_dir is None else resume_at(run_dir, values)
+
+
+def resume_at(run_dir: Path, values: Mapping[str, Any]) -> ResumePoint:
+    """Return where to continue the run in ``run_dir``, given the new run config ``values``.
+
+    Raises
+    ------
+    ResumeError
+        As :func:`resume_point`.
+    """
     state = ResumeState.load(run_dir)
     config = resumed_config(run_dir, state.run_config, values)
     if state.server_round >= config.num_server_rounds:

@@ -229,3 +229,86 @@ def test_changing_a_saved_setting_is_refused(tmp_path: Path) -> None:
                           "num-server-rounds": 4})
     assert point is not None and point.config.model.channels == (8, 16)
     assert point.config.output_dir == Path("runs")
+
+
+
+def test_simulate_resume_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedseg.cli import main
+
+    def error(*args: str) -> str:
+        assert main(["simulate", *args]) == 2
+        return capsys.readouterr().err
+
+    gone = tmp_path / "gone"
+    assert error("--resume", str(gone)) == (
+        f"fedseg: error: --resume {gone}: run folder not found; pass the folder of the "
+        "simulation to continue, e.g. runs/sim-<time>\n")
+    deployed = saved_run(tmp_path / "deployed")
+    capsys.readouterr()  # Flower's log of that run
+    assert error("--resume", str(deployed)) == (
+        f"fedseg: error: --resume {deployed}: has no simulation.json, so it is not a run folder "
+        "of fedseg simulate; pass a folder runs/sim-<time>/ it wrote, or continue a deployed "
+        "run with the run config's resume-from\n")
+    assert error("--resume", str(deployed), "--data", str(tmp_path)) == (
+        "fedseg: error: fedseg simulate: --resume continues on the sites the run recorded; "
+        "drop --data\n")
+    (deployed / "simulation.json").write_text('{"sites": []}')
+    assert "already finished 2 rounds" in error("--resume", str(deployed))
+    assert "changes channels" in error("--resume", str(deployed), "--rounds", "3",
+                                       "--run-config", "channels='4,8'")
+    (deployed / "simulation.json").write_text("{")
+    assert error("--resume", str(deployed)) == (
+        f"fedseg: error: --resume {deployed}: simulation.json is damaged (JSONDecodeError); "
+        "restore it from a backup\n")
+
+
+# --- end to end: a simulation killed after round 2 of 4, resumed -----------------------------
+
+TINY = {"num_sites": 2, "cases_per_site": 5, "synthetic_size": 32,
+        "overrides": {"num-server-rounds": 4, "local-steps": 2, "batch-size": 2,
+                      "channels": "4,8", "patch-size": "32,32"}}
+
+
+@pytest.mark.e2e
+def test_simulation_killed_after_round_2_resumes_to_identical_weights(tmp_path: Path) -> None:
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from fedseg.cli import main
+    from simulations.simulate import SimulationRequest, run_simulation
+
+    whole = run_simulation(SimulationRequest(output=tmp_path / "whole", **TINY),  # type: ignore[arg-type]
+                           echo=lambda line: None)
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.killed_simulation", str(tmp_path / "killed"), "2",
+         json.dumps(TINY)], cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        # Ray's helpers share the killed process's session: end them with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, out
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    folder = RunFolder(run_dir)
+    assert ResumeState.load(run_dir).server_round == 2 and not folder.final_model.exists()
+
+    assert main(["simulate", "--resume", str(run_dir)]) == 0
+    expected, resumed = weights_of(whole.final_model), weights_of(folder.final_model)
+    assert expected.keys() == resumed.keys()
+    differ = {k: float(np.abs(expected[k] - resumed[k]).max()) for k in expected
+              if not np.array_equal(expected[k], resumed[k])}
+    assert not differ, f"resumed weights differ from the uninterrupted run's: {differ}"
+    history = MetricsHistory.read(folder.metrics_json)
+    assert [r.round for r in history.rounds] == [1, 2, 3, 4]
+    assert all(r.aggregated and len(r.sites) == 2 for r in history.rounds)
+    # Finished: resuming again is refused with one line, before Ray starts.
+    assert main(["simulate", "--resume", str(run_dir)]) == 2
