@@ -60,13 +60,16 @@ def _simulate(args: argparse.Namespace) -> int:
     from shared.run_files import RunFiles
     from simulations.simulate import SimulationRequest, run_simulation
 
+    if args.resume is not None and args.data is not None:
+        raise FedsegError("fedseg simulate: --resume continues on the sites the run recorded; "
+                          "drop --data")
     overrides = _parse_overrides(args.run_config)
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
     request = SimulationRequest(
         data=args.data, num_sites=args.sites, output=args.output, overrides=overrides,
         synthetic_dims=args.dims, cases_per_site=args.cases, synthetic_size=args.size,
-        seed=args.seed,
+        seed=args.seed, resume=args.resume,
     )
     outcome = run_simulation(request)
     history = MetricsHistory.read(outcome.metrics_json)
@@ -219,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     sim.add_argument("--run-config", action="append", default=None, metavar="'KEY=VALUE ...'",
                      help="run-config overrides, same syntax as flwr run --run-config")
+    sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue the simulation in RUN_DIR (e.g. after a crash) at its next "
+                          "round, on the sites and settings it recorded; --rounds N above its "
+                          "rounds extends a finished one")
     sim.set_defaults(func=_simulate)
 
     report = verbs.add_parser(

@@ -14,6 +14,8 @@ from server.config import RunConfig
 from server.federation import Reporter, RunFolder, run_federation
 from server.planning import planned_run_config
 from server.report import LineReporter
+from server.resume import resume_point
+from shared import settings
 from shared.networks import build_network, seed_everything
 from shared.partition import local_parameter_names, split_weights
 from shared.weights import NDArrays, state_to_numpy
@@ -51,7 +53,8 @@ def make_server_app(config: RunConfig | None = None, run_dir: Path | None = None
         Progress sink; Flower's log when omitted.
     run_config : Mapping, optional
         Raw run-config values to plan and parse, instead of Flower's run config,
-        when ``config`` is not given.
+        when ``config`` is not given. With ``resume-from`` set, the run named there
+        continues in its own folder with its saved settings.
     echo : callable
         Receives the plan's lines; Flower's log by default.
 
@@ -65,17 +68,27 @@ def make_server_app(config: RunConfig | None = None, run_dir: Path | None = None
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         plan = None
-        if config is not None:
-            cfg = config
+        values = (settings.to_keys(config) if config is not None
+                  else run_config if run_config is not None else context.run_config)
+        # A resumed run keeps the settings it was planned with: no planning round.
+        point = resume_point(values)
+        if point is not None:
+            cfg = point.config
+            folder = RunFolder(point.run_dir)
+            echo(f"resume: continuing {point.run_dir} after round {point.state.server_round} "
+                 f"of {cfg.num_server_rounds}")
         else:
-            values = run_config if run_config is not None else context.run_config
-            cfg, plan = planned_run_config(grid, values, echo)
-        folder = RunFolder(run_dir if run_dir is not None
-                           else cfg.output_dir / f"run-{context.run_id}")
+            if config is not None:
+                cfg = config
+            else:
+                cfg, plan = planned_run_config(grid, values, echo)
+            folder = RunFolder(run_dir if run_dir is not None
+                               else cfg.output_dir / f"run-{context.run_id}")
         if plan is not None:
             folder.save_plan(plan)
-        run_federation(grid, cfg, initial_weights(cfg), folder,
-                       reporter or LineReporter(_flower_log))
+        run_federation(grid, cfg, point.state.weights if point else initial_weights(cfg), folder,
+                       reporter or LineReporter(_flower_log),
+                       resumed=point.state if point else None)
         flwr_log(INFO, "fedseg: final model written to %s", folder.final_model)
 
     return app

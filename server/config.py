@@ -28,6 +28,7 @@ from shared.settings import (
     number,
     path,
     section,
+    text,
 )
 
 
@@ -77,6 +78,8 @@ class RunConfig:
     training: TrainPlan = section(TrainPlan)
     output_dir: Path = path("output-dir", Path("runs"), "where the ServerApp writes "
                             "`run-<run id>/`")
+    resume_from: str = text("resume-from", "", "run folder to continue after its last finished "
+                            "round, in that folder (see Resume); empty: start a fresh run")
     privacy: PrivacyRequest = section(PrivacyRequest)
     central_dp: str = choice("central-dp", "off", "client-level DP with Flower's fixed-clipping "
                              "wrappers", choices=CENTRAL_DP)

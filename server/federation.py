@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server.config import RunConfig
 from server.history import MetricsHistory, RoundRecord, SiteRound
+from server.resume import ResumeState
 from server.strategies import build_strategy
 from server.validation import norm_outliers, step_problem, update_norm, update_problem
 from shared import protocol as p
@@ -65,6 +66,11 @@ class RunFolder(RunFiles):
         Checkpoint(config.model, state.weights, state.server_round).save(
             self.checkpoint(state.server_round))
         state.history.write(self)
+
+    def save_resume(self, state: FederationState, config: RunConfig, strategy: Strategy) -> None:
+        """Write what a resumed run needs to continue after this round."""
+        ResumeState.capture(state.server_round, state.weights, state.history, config,
+                            strategy).save(self.resume_state)
 
     def save_final(self, state: FederationState, config: RunConfig) -> None:
         """Write the final model."""
@@ -253,8 +259,26 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
 
 def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
                    folder: RunFolder, reporter: Reporter,
-                   strategy: Strategy | None = None) -> FederationState:
-    """Run all rounds, writing a checkpoint and the history after each one.
+                   strategy: Strategy | None = None,
+                   resumed: ResumeState | None = None) -> FederationState:
+    """Run all rounds, writing a checkpoint, the history and the resume state after each one.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        Connection to the sites.
+    config : RunConfig
+        The run's settings.
+    initial_weights : dict of str to numpy.ndarray
+        The global weights before round 1.
+    folder : RunFolder
+        Where the run is written.
+    reporter : Reporter
+        Receives each finished round.
+    strategy : Strategy, optional
+        The aggregation strategy; :func:`build_strategy` of ``config`` when omitted.
+    resumed : ResumeState, optional
+        A saved run to continue after its last round (``initial_weights`` then unused).
 
     Returns
     -------
@@ -263,9 +287,16 @@ def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
     """
     strategy = strategy if strategy is not None else build_strategy(config)
     state = FederationState(0, initial_weights, MetricsHistory(run_config=config.to_dict()))
-    for _ in range(config.num_server_rounds):
+    if resumed is not None:
+        state = FederationState(resumed.server_round, resumed.weights, MetricsHistory(
+            run_config=config.to_dict(), rounds=resumed.history.rounds))
+        resumed.restore(strategy)
+    while state.server_round < config.num_server_rounds:
         state = run_round(grid, strategy, config, state)
         folder.save_round(state, config)
+        # Last: a crash before it resumes at this round again, and the history it
+        # holds is the one rewritten then, so every round is recorded once.
+        folder.save_resume(state, config, strategy)
         reporter.round_finished(state.history.rounds[-1], config.num_server_rounds)
     if not any(r.aggregated for r in state.history.rounds):
         raise NotEnoughSitesError(

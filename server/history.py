@@ -115,7 +115,12 @@ class MetricsHistory:
     @classmethod
     def read(cls, path: Path) -> MetricsHistory:
         """Load a history written by :meth:`write`."""
-        raw = json.loads(path.read_text())
+        return cls.from_json(path.read_text())
+
+    @classmethod
+    def from_json(cls, text: str) -> MetricsHistory:
+        """Parse the JSON of :meth:`to_json`."""
+        raw = json.loads(text)
         rounds = []
         for r in raw["rounds"]:
             sites = [SiteRound(**s) for s in r.pop("sites")]

@@ -18,6 +18,8 @@ PLAN_JSON = "plan.json"
 REPORT_HTML = "report.html"
 CROSS_SITE_JSON = "cross-site.json"
 OVERLAYS = "overlays"
+RESUME_STATE = "resume-state.pt"
+SIMULATION_JSON = "simulation.json"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,16 @@ class RunFiles:
         as the caption.
         """
         return self.path / OVERLAYS
+
+    @property
+    def resume_state(self) -> Path:
+        """What a resumed run needs to continue after the last finished round."""
+        return self.path / RESUME_STATE
+
+    @property
+    def simulation_json(self) -> Path:
+        """The request of ``fedseg simulate`` (data, sites), so ``--resume`` alone suffices."""
+        return self.path / SIMULATION_JSON
 
     @property
     def checkpoints(self) -> Path:

@@ -7,6 +7,7 @@ config is built from presets and ``--run-config`` instead of ``flwr run``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,7 +24,9 @@ from client.imaging import read_image
 from client.trainer import SiteData
 from server.config import RunConfig
 from server.report import LineReporter
+from server.resume import ResumeError, resume_at
 from shared import settings
+from shared.atomic import write_text_atomic
 from shared.config import ModelSpec
 from shared.errors import DataError
 from shared.planning import Plan, make_plan
@@ -58,6 +61,54 @@ class SimulationRequest:
     cases_per_site: int = 24
     synthetic_size: int = 0
     seed: int = 0
+    #: The run folder of an earlier simulation to continue (its recorded sites and
+    #: saved settings; ``overrides`` may only raise num-server-rounds).
+    resume: Path | None = None
+
+
+SIMULATION_FORMAT = "fedseg-simulation/1"
+
+
+def record_simulation(run_dir: Path, request: SimulationRequest, folders: list[Path]) -> None:
+    """Write what ``--resume`` needs to find the same sites again into ``run_dir``.
+
+    Site folders inside the run folder (synthetic data) are written relative to it,
+    so a moved run folder still resumes.
+    """
+    def where(folder: Path) -> str:
+        folder = folder.resolve()
+        inside = folder.is_relative_to(run_dir.resolve())
+        return str(folder.relative_to(run_dir.resolve()) if inside else folder)
+
+    record = {"format": SIMULATION_FORMAT, "sites": [where(f) for f in folders],
+              "data": None if request.data is None else str(request.data.resolve()),
+              "synthetic-dims": request.synthetic_dims,
+              "cases-per-site": request.cases_per_site,
+              "synthetic-size": request.synthetic_size, "seed": request.seed,
+              "overrides": dict(request.overrides)}
+    write_text_atomic(RunFiles(run_dir).simulation_json, json.dumps(record, indent=2) + "\n")
+
+
+def recorded_sites(run_dir: Path) -> list[Path]:
+    """Return the site folders the simulation in ``run_dir`` ran on, refusing what cannot resume."""
+    path = RunFiles(run_dir).simulation_json
+    if not run_dir.is_dir():
+        raise ResumeError(run_dir, "run folder not found", "pass the folder of the simulation "
+                          "to continue, e.g. runs/sim-<time>", where="--resume")
+    if not path.is_file():
+        raise ResumeError(run_dir, f"has no {path.name}, so it is not a run folder of fedseg "
+                          "simulate", "pass a folder runs/sim-<time>/ it wrote, or continue a "
+                          "deployed run with the run config's resume-from", where="--resume")
+    try:
+        sites = [run_dir / site for site in json.loads(path.read_text())["sites"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ResumeError(run_dir, f"{path.name} is damaged ({type(exc).__name__})",
+                          "restore it from a backup", where="--resume") from None
+    for site in sites:
+        if not site.is_dir():
+            raise DataError(site, "site folder of the simulation to resume not found",
+                            "put the data back where the simulation read it")
+    return sites
 
 
 @dataclass(frozen=True)
@@ -176,6 +227,8 @@ def run_simulation(request: SimulationRequest,
         Paths of the metrics history, the final model and the wall time.
     """
     started = time.monotonic()
+    if request.resume is not None:
+        return _resume_simulation(request.resume, request.overrides, echo, started)
     run_dir = request.output / datetime.now().strftime("sim-%Y%m%d-%H%M%S-%f")
     if request.data is None:
         from simulations.phantoms import write_synthetic_federation
@@ -192,12 +245,8 @@ def run_simulation(request: SimulationRequest,
         presets = {}
     values = build_run_values(presets, request.overrides, len(folders), run_dir)
     config = RunConfig.from_user_config(values)
-    sites = [
-        SiteConfig(data_path=folder, site_name=folder.name,
-                   state_dir=run_dir / "site-state" / folder.name, num_threads=1,
-                   seed=i, device="auto")
-        for i, folder in enumerate(folders)
-    ]
+    record_simulation(run_dir, request, folders)
+    sites = simulated_sites(folders, run_dir)
     if RunConfig.needs_plan(values):
         echo(f"{len(sites)} sites, strategy {config.strategy}; rounds, resolution, patch, "
              "network and schedule are planned from the sites' data fingerprints")
@@ -209,6 +258,34 @@ def run_simulation(request: SimulationRequest,
         spec = config.model
     for line in preflight(sites, spec):
         echo(line)
+    return _finish(values, sites, run_dir, echo, started)
+
+
+def simulated_sites(folders: list[Path], run_dir: Path) -> list[SiteConfig]:
+    """Return one site per folder, its state kept in the run folder, seeded by its position."""
+    return [
+        SiteConfig(data_path=folder, site_name=folder.name,
+                   state_dir=run_dir / "site-state" / folder.name, num_threads=1,
+                   seed=i, device="auto")
+        for i, folder in enumerate(folders)
+    ]
+
+
+def _resume_simulation(run_dir: Path, overrides: Mapping[str, Any],
+                       echo: Callable[[str], None], started: float) -> SimulationOutcome:
+    """Continue the simulation in ``run_dir`` on the sites it recorded."""
+    sites = simulated_sites(recorded_sites(run_dir), run_dir)
+    values = {**overrides, "resume-from": str(run_dir)}
+    point = resume_at(run_dir, values)  # a refusal stops here, before Ray starts
+    echo(f"resuming {run_dir} after round {point.state.server_round} of "
+         f"{point.config.num_server_rounds} with its {len(sites)} sites")
+    for line in preflight(sites, point.config.model):
+        echo(line)
+    return _finish(values, sites, run_dir, echo, started)
+
+
+def _finish(values: Mapping[str, Any], sites: list[SiteConfig], run_dir: Path,
+            echo: Callable[[str], None], started: float) -> SimulationOutcome:
     _run_flower(values, sites, run_dir, echo)
     files = RunFiles(run_dir)
     if not files.final_model.is_file():
