@@ -308,3 +308,31 @@ def test_simulate_ends_by_writing_the_report(tmp_path: Path, monkeypatch: pytest
     assert main(["simulate", "--output", str(tmp_path)]) == 0
     assert f"report      {files.report_html}" in capsys.readouterr().out.splitlines()
     assert sum(src.startswith(PNG_PREFIX) for src in parse(files.report_html).images) == 3
+
+
+@pytest.mark.e2e
+def test_a_finished_simulation_holds_cross_site_and_a_report_a_browser_renders(
+        tmp_path: Path) -> None:
+    code = main(["simulate", "--sites", "2", "--cases", "6", "--size", "32", "--rounds", "2",
+                 "--output", str(tmp_path), "--run-config",
+                 "channels='8,16' patch-size='32,32' local-steps=2"])
+    assert code == 0
+    (run,) = [d for d in tmp_path.iterdir() if d.name.startswith("sim-")]
+    files = RunFiles(run)
+    cross = json.loads(files.cross_site_json.read_text())
+    assert cross["sites"] == ["site-a", "site-b"] and cross["models"] == ["global"]
+    assert files.report_html.is_file()
+    page = parse(files.report_html)
+    assert any(row[:1] == ["site-a"] and len(row) == 2 for row in page.rows())  # the matrix
+    binary = chromium()
+    dom = run_chromium(binary, tmp_path / "profile-dom", "--dump-dom",
+                       files.report_html.resolve().as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    shown = Page()
+    shown.feed(dom.stdout)
+    assert sum(src.startswith(PNG_PREFIX) for src in shown.images) >= 2
+    screenshot = tmp_path / "report.png"
+    run_chromium(binary, tmp_path / "profile-shot", f"--screenshot={screenshot}",
+                 "--window-size=1200,2000", files.report_html.resolve().as_uri())
+    blue, orange = site_line_pixels(screenshot)
+    assert blue > 300 and orange > 300, (blue, orange)
