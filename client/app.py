@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from threading import Lock
 
+import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -74,7 +75,7 @@ def error_code(exc: BaseException) -> int:
         return p.ERROR_DATA
     if isinstance(exc, ConfigError):
         return p.ERROR_CONFIG
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
         return p.ERROR_MEMORY
     return p.ERROR_INTERNAL
 

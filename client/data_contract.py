@@ -536,3 +536,19 @@ def read_raw_case(ref: CaseRef) -> tuple[np.ndarray, np.ndarray, tuple[float, ..
     if label.shape != raw.shape[1:]:
         raise _shape_mismatch(ref, label.shape, raw.shape[1:])
     return raw, np.asarray(label > 0), tuple(float(v) for v in source.spacing[:rank])
+
+
+def site_split(site_dir: Path, patient_pattern: str, val_fraction: float
+               ) -> tuple[list[CaseRef], list[CaseRef]]:
+    """Return a site's training and validation cases, refusing a site with no training case.
+
+    Raises
+    ------
+    DataError
+        No case is left for training after the validation split.
+    """
+    train, val = split_cases(discover_cases(site_dir, patient_pattern), val_fraction)
+    if not train:
+        raise DataError(site_dir, "no training cases left after the validation split",
+                        "lower val-fraction or add cases")
+    return train, val

@@ -13,8 +13,8 @@ import numpy as np
 from scipy import ndimage
 
 from client.config import SiteConfig
-from client.data_contract import discover_cases, read_raw_case, split_cases
-from shared.errors import DataError
+from client.data_contract import read_raw_case, site_split
+from client.imaging import read_image
 from shared.normalization import dark_mask
 from shared.planning import Fingerprint
 
@@ -107,11 +107,8 @@ def fingerprint_site(site: SiteConfig) -> Fingerprint:
     DataError
         The site has no training cases, or one cannot be read.
     """
-    refs = discover_cases(site.data_path, site.patient_pattern)
-    train, _ = split_cases(refs, site.val_fraction)
-    if not train:
-        raise DataError(site.data_path, "no training cases left after the validation split",
-                        "lower val-fraction or add cases")
+    train, _ = site_split(site.data_path, site.patient_pattern, site.val_fraction)
     cases = [read_raw_case(ref) for ref in train]
-    nifti = train[0].image.name.lower().endswith((".nii", ".nii.gz"))
-    return site_fingerprint(cases, has_spacing=nifti)
+    # Decoded already by read_raw_case: the per-process cache answers.
+    has_spacing = read_image(train[0].image).fmt == "nifti"
+    return site_fingerprint(cases, has_spacing=has_spacing)

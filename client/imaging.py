@@ -197,17 +197,23 @@ _DECODED: OrderedDict[tuple[str, int, int], ImageFile] = OrderedDict()
 _CACHE_BYTES = 4 * 2**30
 
 
+_cached_bytes = 0
+
+
 def _remember(key: tuple[str, int, int], image: ImageFile) -> None:
+    global _cached_bytes
     _DECODED[key] = image
-    total = sum(item.array.nbytes for item in _DECODED.values())
-    while total > _CACHE_BYTES and len(_DECODED) > 1:
+    _cached_bytes += image.array.nbytes
+    while _cached_bytes > _CACHE_BYTES and len(_DECODED) > 1:
         _, dropped = _DECODED.popitem(last=False)
-        total -= dropped.array.nbytes
+        _cached_bytes -= dropped.array.nbytes
 
 
 def forget_decoded() -> None:
     """Empty this process's cache of decoded files."""
+    global _cached_bytes
     _DECODED.clear()
+    _cached_bytes = 0
 
 
 def _read_nifti(path: Path) -> ImageFile:

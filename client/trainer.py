@@ -22,14 +22,14 @@ from torch.utils.data import DataLoader
 from client.accounting import calibrate_noise, sample_rate
 from client.augment import PatchDataset
 from client.config import SiteConfig
-from client.data_contract import CaseRef, LoadedCase, discover_cases, load_case, split_cases
+from client.data_contract import CaseRef, LoadedCase, load_case, site_split
 from client.inference import predict_classes
 from client.preprocess import resize_image, resize_label
 from client.privacy_ledger import PrivacyLedger
 from client.proximal import proximal_term
 from client.site_state import load_local_layers, save_local_layers
 from shared.config import ModelSpec, TrainPlan
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError
 from shared.metrics import case_dice
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
@@ -50,11 +50,8 @@ class SiteData:
     @classmethod
     def load(cls, site: SiteConfig, spec: ModelSpec) -> SiteData:
         """Read every case of ``site`` through the data contract and split it by patient."""
-        refs = discover_cases(site.data_path, site.patient_pattern)
-        train_refs, val_refs = split_cases(refs, site.val_fraction)
-        if not train_refs:
-            raise DataError(site.data_path, "no training cases left after the validation split",
-                            "lower val-fraction or add cases")
+        train_refs, val_refs = site_split(site.data_path, site.patient_pattern,
+                                          site.val_fraction)
 
         def load(refs: Sequence[CaseRef]) -> tuple[LoadedCase, ...]:
             return tuple(

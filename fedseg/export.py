@@ -33,6 +33,7 @@ from client.predict import SiteNetwork, load_site_network
 from shared.atomic import write_atomic, write_text_atomic
 from shared.config import ModelSpec
 from shared.errors import DataError, FedsegError
+from shared.normalization import NORMALIZATIONS
 
 FORMATS = ("torchscript", "onnx")
 CONTRACT_FORMAT = "fedseg-export/1"
@@ -44,19 +45,6 @@ OUTPUT_NAME = "logits"
 # The acceptance bound of issue 14: exported logits within this of PyTorch's.
 TOLERANCE = 1e-4
 
-# Written into the contract as prose, because a deployment re-implements it in its
-# own language; each must say what its scheme in shared.normalization does.
-NORMALIZATION = {
-    "zscore": (
-        "per-channel z-score over the whole image (not per window): for each channel c, "
-        "x_c = (x_c - mean(x_c)) / std(x_c) with the population standard deviation, computed "
-        "in float64 and cast to float32; a constant channel becomes all zeros"),
-    "zscore-fov": (
-        "per-channel z-score over the field of view only: a voxel whose channel mean is at "
-        "most min + 0.05 * (p99 - min) of that channel mean is the dark frame; mean and "
-        "population standard deviation of each channel over the other voxels, computed in "
-        "float64 and cast to float32; the frame becomes 0"),
-}
 RESIZE = ("resample the normalised image to this size by area averaging before the network, "
           "and the logits back to the image's own size (bilinear or trilinear, "
           "align_corners=False) before the argmax")
@@ -280,7 +268,7 @@ def _contract(request: ExportRequest, site_net: SiteNetwork, diff: float) -> dic
         "input_layout": "NC" + ("HW" if spec.spatial_dims == 2 else "XYZ"),
         "input_dtype": "float32",
         "spatial_multiple_of": spec.downsampling_factor,
-        "normalization": NORMALIZATION[spec.normalization],
+        "normalization": NORMALIZATIONS[spec.normalization].description,
         "normalization_scheme": spec.normalization,
         "resize": list(spec.resize) if spec.resize else None,
         "resize_how": RESIZE if spec.resize else None,

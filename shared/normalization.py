@@ -8,6 +8,7 @@ an image the same way at every site.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,12 +58,32 @@ def zscore_fov(image_cf: np.ndarray) -> np.ndarray:
     return _zscore_inside(image_cf, ~dark_mask(image_cf))
 
 
-NORMALIZATIONS: Registry[Callable[[np.ndarray], np.ndarray]] = Registry("normalization", {
-    "zscore": zscore,
-    "zscore-fov": zscore_fov,
+@dataclass(frozen=True)
+class Normalization:
+    """One normalisation scheme: the function, and its rule in words.
+
+    The words go into an exported model's input contract, where a deployment
+    re-implements the rule in its own language, so they must say exactly what
+    ``apply`` does.
+    """
+
+    apply: Callable[[np.ndarray], np.ndarray]
+    description: str
+
+
+NORMALIZATIONS: Registry[Normalization] = Registry("normalization", {
+    "zscore": Normalization(zscore, (
+        "per-channel z-score over the whole image (not per window): for each channel c, "
+        "x_c = (x_c - mean(x_c)) / std(x_c) with the population standard deviation, computed "
+        "in float64 and cast to float32; a constant channel becomes all zeros")),
+    "zscore-fov": Normalization(zscore_fov, (
+        "per-channel z-score over the field of view only: a voxel whose channel mean is at "
+        "most min + 0.05 * (p99 - min) of that channel mean is the dark frame; mean and "
+        "population standard deviation of each channel over the other voxels, computed in "
+        "float64 and cast to float32; the frame becomes 0")),
 })
 
 
 def normalize(image_cf: np.ndarray, scheme: str) -> np.ndarray:
     """Return ``image_cf`` (``(C, *spatial)``) normalised by ``scheme`` as float32."""
-    return NORMALIZATIONS[scheme](image_cf)
+    return NORMALIZATIONS[scheme].apply(image_cf)

@@ -274,8 +274,9 @@ def resolve_planned(owner: type, values: Mapping[str, Any],
     A value the run config sets explicitly always wins over the plan.
     """
     out = dict(values)
+    left = unplanned(owner, values)
     for _, _, s in all_settings(owner):
-        if s.key is None or not s.planned or s.key not in unplanned(owner, values):
+        if s.key is None or s.key not in left:
             continue
         if plan is not None and s.key in plan:
             out[s.key] = plan[s.key]

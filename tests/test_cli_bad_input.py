@@ -122,3 +122,24 @@ def test_empty_run_config_value_is_named(tmp_path: Path,
     code, err = run(["simulate", "--data", str(tmp_path / "data"), "--output", str(out),
                      "--run-config", "num-server-rounds 5"], capsys)
     assert_clean_failure(code, err, "'num-server-rounds' is not KEY=VALUE", out)
+
+
+
+def test_plan_of_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run(["plan", "--data", str(tmp_path / "nowhere")], capsys)
+    assert_clean_failure(code, err, "nowhere: data folder not found", tmp_path)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("resize='96'", "run config key 'resize': needs 2 values like patch-size, or none, got 96"),
+    ("normalization='zscor'", "run config key 'normalization': must be one of zscore, "
+     "zscore-fov, got 'zscor' (did you mean 'zscore'?)"),
+    ("lr-schedule='cos'", "run config key 'lr-schedule': must be one of constant, cosine, poly, "
+     "got 'cos'"),
+])
+def test_bad_planned_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str,
+                         message: str) -> None:
+    out = tmp_path / "runs"
+    code, err = run(["simulate", "--output", str(out), "--run-config", override], capsys)
+    assert_clean_failure(code, err, message, out)
+    assert "pyproject.toml or with --run-config" in err

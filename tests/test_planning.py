@@ -148,3 +148,11 @@ def test_fingerprint_reply_through_the_client_app_holds_only_aggregates(tmp_path
     for case in discover_cases(folder):      # no case name or path, even inside a number's text
         assert case.case_id not in text and str(case.image) not in text
     assert Fingerprint.from_record(dict(record), "site-a").num_cases == 6  # the train split
+
+
+def test_every_planned_value_is_a_planned_run_config_key() -> None:
+    from server.config import RunConfig
+    from shared.settings import planned_keys
+
+    # A misspelt key in the plan would be dropped silently by resolve_planned.
+    assert set(make_plan([_fp()]).to_run_config()) == planned_keys(RunConfig)
