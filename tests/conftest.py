@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from flwr.app import Message
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,3 +55,15 @@ class FakeGrid:
             if reply is not None:
                 replies.append(reply)
         return replies
+
+
+def fingerprint_reply(msg: Message) -> Message:
+    """Answer a planning round's fingerprint query as a 2D RGB site with thin structures."""
+    from shared import protocol as p
+    from shared.planning import Fingerprint
+
+    fingerprint = Fingerprint(num_cases=20, spatial_dims=2, channels=3, shape=(16, 16),
+                              spacing=(1.0, 1.0), has_spacing=False, foreground_fraction=0.1,
+                              thickness=4.0, dark_fraction=0.3)
+    return Message(RecordDict({p.FINGERPRINT: MetricRecord(dict(fingerprint.to_record()))}),
+                   reply_to=msg)

@@ -21,9 +21,8 @@ from server.history import MetricsHistory
 from server.strategies import build_strategy
 from shared import protocol as p
 from shared.checkpoint import Checkpoint
-from shared.planning import Fingerprint
 from shared.run_files import RunFiles
-from tests.conftest import FakeGrid
+from tests.conftest import FakeGrid, fingerprint_reply
 
 
 def site(name: str, weights: dict[str, np.ndarray], n_train: int, dice: float,
@@ -224,12 +223,7 @@ def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> N
         nonlocal names
         if msg.metadata.message_type == p.FINGERPRINT_QUERY:
             # pyproject leaves the planned keys at "auto": the app asks for a fingerprint.
-            fingerprint = Fingerprint(num_cases=20, spatial_dims=2, channels=3, shape=(16, 16),
-                                      spacing=(1.0, 1.0), has_spacing=False,
-                                      foreground_fraction=0.1, thickness=4.0,
-                                      dark_fraction=0.3)
-            return Message(RecordDict({p.FINGERPRINT: MetricRecord(
-                dict(fingerprint.to_record()))}), reply_to=msg)
+            return fingerprint_reply(msg)
         arrays = msg.content.array_records[p.ARRAYS]
         names = list(arrays.keys())
         return site("a", {k: v.numpy() for k, v in arrays.items()}, 1, 0.5)(msg)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from server.app import make_server_app
 from server.federation import RunFolder, run_federation
@@ -26,8 +26,7 @@ from server.resume import (
 from server.strategies import build_strategy
 from shared import protocol as p
 from shared.checkpoint import Checkpoint
-from shared.planning import Fingerprint
-from tests.conftest import REPO, FakeGrid
+from tests.conftest import REPO, FakeGrid, fingerprint_reply
 from tests.test_federation import config, initial, site
 
 
@@ -51,12 +50,7 @@ def moving_site(name: str, scale: float, crash_in_round: int = 0):
 
     def respond(msg: Message) -> Message:
         if msg.metadata.message_type == p.FINGERPRINT_QUERY:
-            fingerprint = Fingerprint(num_cases=20, spatial_dims=2, channels=3, shape=(16, 16),
-                                      spacing=(1.0, 1.0), has_spacing=False,
-                                      foreground_fraction=0.1, thickness=4.0,
-                                      dark_fraction=0.3)
-            return Message(RecordDict({p.FINGERPRINT: MetricRecord(
-                dict(fingerprint.to_record()))}), reply_to=msg)
+            return fingerprint_reply(msg)
         rnd = int(msg.content.config_records[p.CONFIG]["server-round"])
         if rnd == crash_in_round:
             raise CoordinatorKilledError(f"coordinator killed in round {rnd}")
