@@ -98,11 +98,16 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             [] if whole_image else [_spatial(patch_size, whole_image)[0]])
         if augment:
             random += _intensity()
-        self.random = Compose(random).set_random_state(seed=seed % (2 ** 32))
+        self.random = Compose(random)
+        self.reseed(seed)
         items = [{"image": img, "label": lab[None]} for img, lab in
                  zip(images, labels, strict=True)]
         self.cache = CacheDataset(items, transform=prepare, progress=False, num_workers=0,
                                   copy_cache=False)
+
+    def reseed(self, seed: int) -> None:
+        """Restart every random transform from ``seed`` (one seed per round)."""
+        self.random.set_random_state(seed=seed % (2 ** 32))
 
     def __len__(self) -> int:
         return len(self.cache)

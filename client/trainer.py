@@ -144,6 +144,7 @@ class SiteTrainer:
         self.data = data if data is not None else SiteData.load(site, spec)
         self.net = build_network(spec).to(self.device)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self._dataset: PatchDataset | None = None
         self.local_names = local_parameter_names(self.net, spec.adaptation)
         if self.local_names:
             _, local = split_weights(state_to_numpy(self.net.state_dict()), self.local_names)
@@ -175,6 +176,20 @@ class SiteTrainer:
         if self.local_names:
             save_local_layers(self.site.state_dir, self.spec.adaptation, self.local_weights())
 
+    def _patches(self, seed: int) -> PatchDataset:
+        """Return the training patches, reseeded for this round.
+
+        Built once per trainer: padding and the foreground indices of every case are
+        deterministic, so later rounds only restart the random transforms.
+        """
+        if self._dataset is None:
+            self._dataset = PatchDataset(
+                [c.image for c in self.data.train], [c.label for c in self.data.train],
+                self.spec.patch_size, seed, whole_image=self.spec.resize == self.spec.patch_size)
+        else:
+            self._dataset.reseed(seed)
+        return self._dataset
+
     def steps_for(self, plan: TrainPlan) -> int:
         """Return the number of optimiser steps ``plan`` asks for at this site."""
         if plan.local_steps:
@@ -204,9 +219,7 @@ class SiteTrainer:
         self.load_weights(global_weights)
         seed = _mix_seed(plan.seed, self.site.seed, plan.server_round)
         torch.manual_seed(seed)
-        dataset = PatchDataset([c.image for c in self.data.train],
-                               [c.label for c in self.data.train], self.spec.patch_size, seed,
-                               whole_image=self.spec.resize == self.spec.patch_size)
+        dataset = self._patches(seed)
         loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
         if privacy is not None:
