@@ -25,7 +25,7 @@ from shared import protocol as p
 from shared.config import ModelSpec, TrainPlan
 from shared.errors import ConfigError, DataError
 from shared.privacy import PrivacyRequest, resolve_privacy
-from shared.weights import from_record, to_record
+from shared.weights import TRANSFER_DTYPES, as_float32, for_wire, from_record, to_record
 
 log = logging.getLogger("fedseg.client")
 
@@ -120,6 +120,28 @@ def clip_update_mod(msg: Message, context: Context, call_next: ClientAppCallable
     return out
 
 
+def transfer_dtype_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Convert the shared weights at the site's edge: float32 inside, transfer-dtype outside.
+
+    The incoming weights (whatever precision the server sent) become float32 before
+    anything at the site sees them, and a train reply's weights are cast to the
+    round's ``transfer-dtype`` after everything else, client-side clipping included,
+    so the site trains and clips in float32.
+    """
+    record = msg.content.array_records.get(p.ARRAYS)
+    if record is not None and any(a.dtype != "float32" for a in record.values()):
+        msg.content.array_records[p.ARRAYS] = to_record(as_float32(from_record(record)))
+    out = call_next(msg, context)
+    config = msg.content.config_records.get(p.CONFIG)
+    if out.has_error() or config is None or p.ARRAYS not in out.content.array_records:
+        return out
+    transfer = TrainPlan.from_config(config).transfer_dtype
+    if TRANSFER_DTYPES[transfer] is not None:
+        weights = from_record(out.content.array_records[p.ARRAYS])
+        out.content.array_records[p.ARRAYS] = to_record(for_wire(weights, transfer))
+    return out
+
+
 def train_reply(msg: Message, site: SiteConfig, result: TrainResult,
                 uniform_weights: bool) -> Message:
     """Build the reply to a train message: shared weights (unless refused) and numbers."""
@@ -161,7 +183,8 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
     app = ClientApp(mods=[private_errors_mod])
     cache = TrainerCache()
 
-    @app.train(mods=[clip_update_mod])
+    # The dtype mod is outermost, so clipping and training see float32 weights.
+    @app.train(mods=[transfer_dtype_mod, clip_update_mod])
     def train(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
         config = msg.content.config_records[p.CONFIG]
@@ -187,7 +210,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
         })
         return Message(content=content, reply_to=msg)
 
-    @app.evaluate()
+    @app.evaluate(mods=[transfer_dtype_mod])
     def evaluate(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
         config = msg.content.config_records[p.CONFIG]

@@ -30,6 +30,7 @@ from shared.settings import (
     section,
     text,
 )
+from shared.weights import TRANSFER_DTYPES
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,17 @@ class RunConfig:
                 self, "min_available_nodes",
                 f"({self.min_available_nodes}) must be at least min-train-nodes "
                 f"({self.min_train_nodes}) and min-evaluate-nodes ({self.min_evaluate_nodes})",
+            )
+
+        if (self.central_dp == "client-side"
+                and TRANSFER_DTYPES[self.training.transfer_dtype] is not None):
+            # The site clips in float32; rounding the clipped weights afterwards could
+            # move an update past the clipping norm the noise is calibrated to.
+            raise invalid(
+                self, "central_dp", f"'client-side' cannot be combined with transfer-dtype "
+                f"{self.training.transfer_dtype}: rounding after the site's clipping can exceed "
+                "the clipping norm; use central-dp 'server-side' (the server clips in float32) "
+                "or transfer-dtype 'float32'",
             )
 
     def plan(self, server_round: int) -> TrainPlan:

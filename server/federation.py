@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -32,7 +32,14 @@ from shared.checkpoint import Checkpoint
 from shared.errors import FedsegError
 from shared.planning import Plan
 from shared.run_files import RunFiles
-from shared.weights import NDArrays, from_record, to_record
+from shared.weights import (
+    TRANSFER_DTYPES,
+    NDArrays,
+    as_dtypes,
+    for_wire,
+    from_record,
+    to_record,
+)
 
 log = logging.getLogger("fedseg.server")
 
@@ -176,16 +183,24 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
 
 def _reject_bad_updates(record: RoundRecord, replies: list[Message], reference: NDArrays,
                         config: RunConfig) -> list[Message]:
-    """Drop, and record against their site, updates of the wrong layout or size."""
+    """Drop, and record against their site, updates of the wrong layout or size.
+
+    Updates are checked as they arrived (in the run's transfer-dtype); the accepted
+    ones are converted in place to the dtypes of ``reference``, so the strategy
+    (central-DP wrappers included) aggregates in the server's own precision.
+    """
     checked: list[tuple[SiteRound, Message, float]] = []
+    transfer = config.training.transfer_dtype
     for msg in replies:
         entry = next(s for s in record.sites if s.node_id == msg.metadata.src_node_id)
         update = from_record(msg.content.array_records[p.ARRAYS])
-        problem = update_problem(reference, update)
+        problem = update_problem(reference, update, transfer)
         if problem is not None:
             entry.error = f"train: update rejected ({problem})"
             log.warning("site %s: update rejected: %s", entry.site, problem)
             continue
+        if TRANSFER_DTYPES[transfer] is not None:
+            msg.content.array_records[p.ARRAYS] = to_record(as_dtypes(update, reference))
         checked.append((entry, msg, update_norm(reference, update)))
     outliers = norm_outliers({str(e.node_id): n for e, _, n in checked},
                              config.update_norm_ratio, config.max_update_norm)
@@ -194,6 +209,27 @@ def _reject_bad_updates(record: RoundRecord, replies: list[Message], reference: 
             entry.error = f"train: update rejected ({outliers[str(entry.node_id)]})"
             log.warning("site %s: update rejected: %s", entry.site, outliers[str(entry.node_id)])
     return [msg for entry, msg, _ in checked if str(entry.node_id) not in outliers]
+
+
+def _on_the_wire(messages: list[Message], transfer: str) -> list[Message]:
+    """Return ``messages`` with their weights in the run's transfer-dtype.
+
+    The strategy was given the server's own float32 weights, so whatever it keeps
+    (FedAdam's current arrays, the server-side DP wrapper's reference) stays
+    float32; only the copy that travels is cast. Flower's strategies share one
+    payload between all messages of a round, so each payload is cast once.
+    """
+    if TRANSFER_DTYPES[transfer] is None:
+        return messages
+    cast: dict[int, ArrayRecord] = {}
+    for msg in messages:
+        record = msg.content.array_records.get(p.ARRAYS)
+        if record is None:
+            continue
+        if id(record) not in cast:
+            cast[id(record)] = to_record(for_wire(from_record(record), transfer))
+        msg.content.array_records[p.ARRAYS] = cast[id(record)]
+    return messages
 
 
 def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: FederationState
@@ -224,7 +260,9 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
 
     train_config = ConfigRecord(config.round_config(rnd))
     started = time.monotonic()
-    sent = list(strategy.configure_train(rnd, to_record(state.weights), train_config, grid))
+    transfer = config.training.transfer_dtype
+    sent = _on_the_wire(list(strategy.configure_train(rnd, to_record(state.weights),
+                                                      train_config, grid)), transfer)
     replies = grid.send_and_receive(sent, timeout=config.round_timeout)
     record.train_seconds = time.monotonic() - started
     known = state.history.site_names()
@@ -234,7 +272,9 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
     if len(ok) >= config.min_train_nodes:
         arrays, _ = strategy.aggregate_train(rnd, ok)
         if arrays is not None:
-            proposed = from_record(arrays)
+            # The server's model keeps its own dtypes (float32): FedAdam's step, for
+            # one, comes back in float64, which every site's next update would then miss.
+            proposed = as_dtypes(from_record(arrays), state.weights)
             problem = step_problem(state.weights, proposed, config.max_model_growth)
             if problem is None:
                 weights = proposed
@@ -248,7 +288,8 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
 
     eval_config = ConfigRecord({**config.model.to_config(), "server-round": rnd})
     started = time.monotonic()
-    sent = list(strategy.configure_evaluate(rnd, to_record(weights), eval_config, grid))
+    sent = _on_the_wire(list(strategy.configure_evaluate(rnd, to_record(weights), eval_config,
+                                                         grid)), transfer)
     replies = grid.send_and_receive(sent, timeout=config.round_timeout)
     record.evaluate_seconds = time.monotonic() - started
     _record_replies(record, sent, replies, "evaluate", known)

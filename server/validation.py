@@ -1,12 +1,13 @@
 """Checks of every update before aggregation, and of the server's own step: pure NumPy.
 
 A broken or hostile site can send anything. Before a reply is aggregated its
-weights must have exactly the global model's names, shapes and dtypes, hold only
-finite values, and move the model by no more than ``ratio`` times the typical
-site's update (the lower median of all norms, so one or two huge updates cannot
-raise the reference) and no more than an optional absolute bound. After
-aggregation, a step that would make the global model non-finite or grow its norm
-by more than a factor is refused and the previous model kept.
+weights must have exactly the global model's names, shapes and dtypes (floating
+point in the run's transfer-dtype), hold only finite values, and move the model
+by no more than ``ratio`` times the typical site's update (the lower median of
+all norms, so one or two huge updates cannot raise the reference) and no more
+than an optional absolute bound. After aggregation, a step that would make the
+global model non-finite or grow its norm by more than a factor is refused and
+the previous model kept.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from shared.weights import NDArrays
+from shared.weights import NDArrays, wire_dtype
 
 
 def _names(names: list[str]) -> str:
@@ -24,8 +25,13 @@ def _names(names: list[str]) -> str:
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def update_problem(reference: NDArrays, update: NDArrays) -> str | None:
-    """Return why ``update`` cannot be aggregated with ``reference``'s layout, or ``None``."""
+def update_problem(reference: NDArrays, update: NDArrays,
+                   transfer: str = "float32") -> str | None:
+    """Return why ``update`` cannot be aggregated with ``reference``'s layout, or ``None``.
+
+    ``update`` is as it arrived: its floating-point arrays must have the dtype the
+    run's ``transfer`` (run config ``transfer-dtype``) puts on the wire.
+    """
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
     if missing or extra:
@@ -36,8 +42,11 @@ def update_problem(reference: NDArrays, update: NDArrays) -> str | None:
         got = update[name]
         if got.shape != ref.shape:
             return f"parameter '{name}' has shape {got.shape}, expected {ref.shape}"
-        if got.dtype != ref.dtype:
-            return f"parameter '{name}' has dtype {got.dtype}, expected {ref.dtype}"
+        want = wire_dtype(ref.dtype, transfer)
+        if got.dtype != want:
+            floating = np.issubdtype(ref.dtype, np.floating)
+            because = f" (transfer-dtype {transfer})" if floating else ""
+            return f"parameter '{name}' has dtype {got.dtype}, expected {want}{because}"
         if np.issubdtype(got.dtype, np.inexact) and not np.all(np.isfinite(got)):
             return f"parameter '{name}' holds NaN or infinite values"
     return None

@@ -38,6 +38,7 @@ from shared.settings import (
     parse,
     to_wire,
 )
+from shared.weights import TRANSFER_DTYPES
 
 
 def _csv(values: tuple[int, ...]) -> str:
@@ -165,6 +166,10 @@ class TrainPlan:
                         "and their own seed", wire="seed")
     uniform_weights: bool = flag(None, False, "weight every site's update equally (central DP)",
                                  wire="uniform-weights")
+    transfer_dtype: str = choice("transfer-dtype", "float32", "precision of the shared weights "
+                                 "in messages, both ways (`float16` halves them; training, "
+                                 "aggregation and checkpoints stay float32)",
+                                 choices=TRANSFER_DTYPES, wire="transfer-dtype")
 
     def __post_init__(self) -> None:
         check(self)

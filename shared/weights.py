@@ -3,6 +3,12 @@
 Only floating-point tensors are exchanged: integer buffers (step counters) carry
 no learnt information and cannot be averaged. Names are checked on the way in, so
 a site never loads weights from a different architecture silently.
+
+The run config's ``transfer-dtype`` chooses the precision of the shared weights
+*in messages* (:data:`TRANSFER_DTYPES`): ``float16`` halves every message's
+payload. It is a wire format only: both sides convert to float32 before use
+(:func:`for_wire` on the way out, :func:`as_dtypes` / :func:`as_float32` on the
+way in), so training, aggregation and the server's checkpoints stay float32.
 """
 
 from __future__ import annotations
@@ -13,7 +19,17 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from shared.registry import Registry
+
 NDArrays = dict[str, np.ndarray]
+
+#: Precision of the shared weights in messages: the dtype every floating-point array
+#: is sent as, or ``None`` to send the weights as held (float32). Integer and boolean
+#: arrays always keep their own dtype.
+TRANSFER_DTYPES: Registry[np.dtype | None] = Registry("transfer dtype", {
+    "float32": None,
+    "float16": np.dtype(np.float16),
+})
 
 
 def state_to_numpy(state: Mapping[str, torch.Tensor]) -> NDArrays:
@@ -38,6 +54,35 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> NDArrays:
     """Unpack an ``ArrayRecord`` into named NumPy arrays."""
     return {name: arr.numpy() for name, arr in record.items()}
+
+
+def wire_dtype(dtype: np.dtype, transfer: str) -> np.dtype:
+    """Return the dtype an array of ``dtype`` has in a message under ``transfer``."""
+    half = TRANSFER_DTYPES[transfer]
+    return half if half is not None and np.issubdtype(dtype, np.floating) else dtype
+
+
+def for_wire(arrays: Mapping[str, np.ndarray], transfer: str) -> NDArrays:
+    """Return ``arrays`` as they travel under ``transfer`` (floating point cast, others as is)."""
+    return {name: a.astype(wire_dtype(a.dtype, transfer), copy=False)
+            for name, a in arrays.items()}
+
+
+def as_dtypes(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+              ) -> NDArrays:
+    """Return ``arrays`` in the dtypes of ``reference``'s arrays of the same name."""
+    return {name: a.astype(reference[name].dtype, copy=False) for name, a in arrays.items()}
+
+
+def as_float32(arrays: Mapping[str, np.ndarray]) -> NDArrays:
+    """Return ``arrays`` with every floating-point array as float32 (others as they are)."""
+    return {name: a.astype(np.float32, copy=False) if np.issubdtype(a.dtype, np.floating)
+            else a for name, a in arrays.items()}
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Return the bytes of the arrays in ``record`` (the sum of their ``nbytes``)."""
+    return sum(array.numpy().nbytes for array in record.values())
 
 
 def check_compatible(expected: Mapping[str, torch.Tensor], arrays: Mapping[str, np.ndarray],

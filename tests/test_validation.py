@@ -21,7 +21,7 @@ def test_update_layout_is_checked_exactly() -> None:
     assert update_problem(_ref(), {**_ref(), "b": np.zeros(3, np.float32)}) == (
         "parameter 'b' has shape (3,), expected (2,)")
     assert update_problem(_ref(), {**_ref(), "b": np.zeros(2, np.float64)}) == (
-        "parameter 'b' has dtype float64, expected float32")
+        "parameter 'b' has dtype float64, expected float32 (transfer-dtype float32)")
     nan = np.array([0.0, np.nan], np.float32)
     assert update_problem(_ref(), {**_ref(), "b": nan}) == (
         "parameter 'b' holds NaN or infinite values")
