@@ -2,16 +2,16 @@
 
 Epsilon is computed with Opacus's accountants from the full history of
 ``(noise_multiplier, sample_rate, steps)`` triples, so it is cumulative over
-every round the site ever trained. Only sites import this module.
+every round the site ever trained. Only sites import this module; Opacus itself
+is imported on first use, so a site that never trains with DP never loads it (it
+was about a fifth of the ClientApp's import time, paid again by every worker
+process of a simulation).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from shared.privacy import Mechanism, Step
 
@@ -21,6 +21,8 @@ def compute_epsilon(history: Sequence[Step], delta: float, mechanism: Mechanism)
     steps = [(float(n), float(q), int(k)) for n, q, k in history if k > 0]
     if not steps:
         return 0.0
+    from opacus.accountants import create_accountant
+
     accountant = create_accountant(mechanism)
     accountant.history = steps
     return float(accountant.get_epsilon(delta=delta))
@@ -29,6 +31,8 @@ def compute_epsilon(history: Sequence[Step], delta: float, mechanism: Mechanism)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     mechanism: Mechanism) -> float:
     """Return the noise multiplier that spends ``target_epsilon`` in ``steps`` steps."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps,
                                       accountant=mechanism))
