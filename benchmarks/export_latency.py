@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from fedseg.export import INPUT_NAME, OUTPUT_NAME, SLIDING_WINDOW, ExportRequest, export_model
+from client.inference import BLEND_MODE, Tiling
+from fedseg.export import INPUT_NAME, OUTPUT_NAME, ExportRequest, export_model
 from shared.checkpoint import Checkpoint
 from shared.config import ModelSpec
 from shared.networks import build_network
@@ -88,12 +89,13 @@ def predictors(spec: ModelSpec, folder: Path, threads: int) -> dict[str, Predict
     return {"pytorch": net, "torchscript": scripted, "onnxruntime": ort}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(predictor: Predictor, x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
     """Return the logits of ``x`` as ``fedseg predict`` computes them."""
+    tiling = Tiling(patch)
     out = sliding_window_inference(
-        x, roi_size=patch, sw_batch_size=SLIDING_WINDOW["windows_per_batch"],
-        predictor=predictor, overlap=SLIDING_WINDOW["overlap"], mode=SLIDING_WINDOW["mode"])
+        x, roi_size=patch, sw_batch_size=tiling.windows_per_batch, predictor=predictor,
+        overlap=tiling.overlap, mode=BLEND_MODE)
     assert isinstance(out, torch.Tensor)
     return out
 

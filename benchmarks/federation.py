@@ -8,7 +8,7 @@ Methods: local-only (each site alone), pooled (all training cases in one place,
 the centralised upper bound), FedAvg, FedProx and every site-local mode of
 :data:`shared.partition.ADAPTATIONS` (FedAvg with those layers kept at the site).
 All of them train with the settings planned from the sites' data fingerprints
-(:func:`simulations.simulate.plan_sites`), and each site takes ``rounds x
+(:func:`simulations.sites.plan_sites`), and each site takes ``rounds x
 local-steps`` optimiser steps whatever the method; pooled training takes the sum
 over sites. Seeds ``0..N-1`` set the run config's ``seed`` (initial weights, and
 mixed with each site's seed and the round into its local training).
@@ -44,13 +44,8 @@ from shared.partition import ADAPTATIONS
 from shared.run_files import RunFiles
 from simulations.cross_site import Predictor, cross_site_matrix
 from simulations.phantoms import write_synthetic_federation
-from simulations.simulate import (
-    SYNTHETIC_2D,
-    SimulationRequest,
-    find_site_folders,
-    plan_sites,
-    run_simulation,
-)
+from simulations.simulate import SYNTHETIC_2D, SimulationRequest, run_simulation
+from simulations.sites import find_site_folders, plan_sites
 
 LOCAL_ONLY = "local-only"
 POOLED = "pooled"

@@ -18,18 +18,68 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from client.preprocess import resize_image, resize_logits
+from shared.config import ModelSpec
+from shared.errors import ConfigError
+
+# How windows are blended where they overlap: a Gaussian weight hides seams.
+BLEND_MODE = "gaussian"
+# Voxels fed to the network per forward pass: batching windows amortises PyTorch's
+# per-call overhead (about 2x faster than one window at a time for 96x96 patches on
+# CPU), and the cap bounds the memory of large 3D patches (a 128^3 window goes alone).
+VOXELS_PER_BATCH = 2**18
+MAX_WINDOWS_PER_BATCH = 32
 
 
-@torch.no_grad()
-def predict_logits(
-    net: nn.Module,
-    image: np.ndarray,
-    patch_size: tuple[int, ...],
-    device: torch.device,
-    resize: tuple[int, ...] = (),
-    sw_batch_size: int = 4,
-    overlap: float = 0.25,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Tiling:
+    """How an image is cut into network windows and put back together.
+
+    Attributes
+    ----------
+    patch_size : tuple of int
+        Window size; images smaller than it are padded and cropped back.
+    resize : tuple of int
+        The planned working size (``()``: native). The image is resampled to it,
+        and the logits back to the image's own size, so the mask and its Dice are
+        always at full resolution.
+    overlap : float
+        Fraction by which neighbouring windows overlap.
+    """
+
+    patch_size: tuple[int, ...]
+    resize: tuple[int, ...] = ()
+    overlap: float = 0.25
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> Tiling:
+        """Return the tiling a model was trained for: its patch size and planned resize."""
+        return cls(spec.patch_size, spec.resize)
+
+    @property
+    def windows_per_batch(self) -> int:
+        """Windows per forward pass: as many as fit :data:`VOXELS_PER_BATCH`, at least one.
+
+        Only speed and memory depend on it: each window is normalised on its own
+        (instance or group norm, never BatchNorm), so batching does not change the logits.
+        """
+        return max(1, min(MAX_WINDOWS_PER_BATCH, VOXELS_PER_BATCH // math.prod(self.patch_size)))
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn a site's ``device`` setting into a ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "node config", "device", f"'{name}' was requested but CUDA is not available here",
+            "set it to 'cpu' or 'auto', or install a CUDA build of torch",
+        )
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def predict_logits(net: nn.Module, image: np.ndarray, tiling: Tiling,
+                   device: torch.device) -> torch.Tensor:
     """Return the logits of one channel-first image at full resolution.
 
     Parameters
@@ -38,18 +88,10 @@ def predict_logits(
         Segmentation network (put into eval mode here).
     image : numpy.ndarray
         ``(C, *spatial)`` float32 image, normalised as for training.
-    patch_size : tuple of int
-        Window size; images smaller than it are padded and cropped back.
+    tiling : Tiling
+        Window size, planned resize and overlap.
     device : torch.device
         Where to run the network.
-    resize : tuple of int
-        The planned working size (``()``: native). The image is resampled to it,
-        and the logits back to the image's own size, so the mask and its Dice are
-        always at full resolution.
-    sw_batch_size : int
-        Windows per forward pass.
-    overlap : float
-        Window overlap; Gaussian blending hides seams.
 
     Returns
     -------
@@ -57,25 +99,18 @@ def predict_logits(
         ``(1, num_classes, *image.shape[1:])`` float logits on ``device``.
     """
     net.eval()
-    work = resize_image(image, resize) if resize else image
+    work = resize_image(image, tiling.resize) if tiling.resize else image
     x = torch.from_numpy(np.ascontiguousarray(work))[None].to(device)
     logits = sliding_window_inference(
-        x, roi_size=patch_size, sw_batch_size=sw_batch_size, predictor=net,
-        overlap=overlap, mode="gaussian",
+        x, roi_size=tiling.patch_size, sw_batch_size=tiling.windows_per_batch, predictor=net,
+        overlap=tiling.overlap, mode=BLEND_MODE,
     )
     assert isinstance(logits, torch.Tensor)
     return resize_logits(logits, image.shape[1:])
 
 
-def predict_classes(
-    net: nn.Module,
-    image: np.ndarray,
-    patch_size: tuple[int, ...],
-    device: torch.device,
-    resize: tuple[int, ...] = (),
-    sw_batch_size: int = 4,
-    overlap: float = 0.25,
-) -> np.ndarray:
+def predict_classes(net: nn.Module, image: np.ndarray, tiling: Tiling,
+                    device: torch.device) -> np.ndarray:
     """Return the class map of one channel-first image at full resolution.
 
     The argmax of :func:`predict_logits` (same parameters).
@@ -87,19 +122,12 @@ def predict_classes(
     """
     # Argmax of the logits, not of their softmax: float32 softmax can round two close
     # logits to one probability, and masks must not change with this refactoring.
-    logits = predict_logits(net, image, patch_size, device, resize, sw_batch_size, overlap)
+    logits = predict_logits(net, image, tiling, device)
     return logits.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
 
 
-def predict_probabilities(
-    net: nn.Module,
-    image: np.ndarray,
-    patch_size: tuple[int, ...],
-    device: torch.device,
-    resize: tuple[int, ...] = (),
-    sw_batch_size: int = 4,
-    overlap: float = 0.25,
-) -> torch.Tensor:
+def predict_probabilities(net: nn.Module, image: np.ndarray, tiling: Tiling,
+                          device: torch.device) -> torch.Tensor:
     """Return the softmax of :func:`predict_logits` (same parameters).
 
     Returns
@@ -107,7 +135,7 @@ def predict_probabilities(
     torch.Tensor
         ``(num_classes, *image.shape[1:])`` float32 class probabilities on ``device``.
     """
-    logits = predict_logits(net, image, patch_size, device, resize, sw_batch_size, overlap)
+    logits = predict_logits(net, image, tiling, device)
     return torch.softmax(logits.float(), dim=1)[0]
 
 
@@ -154,15 +182,8 @@ class UncertainPrediction:
     passes: int
 
 
-def predict_with_uncertainty(
-    net: nn.Module,
-    image: np.ndarray,
-    patch_size: tuple[int, ...],
-    device: torch.device,
-    resize: tuple[int, ...] = (),
-    sw_batch_size: int = 4,
-    overlap: float = 0.25,
-) -> UncertainPrediction:
+def predict_with_uncertainty(net: nn.Module, image: np.ndarray, tiling: Tiling,
+                             device: torch.device) -> UncertainPrediction:
     """Predict by test-time augmentation with flips and measure where the passes disagree.
 
     The image is flipped along every combination of spatial axes, each copy goes
@@ -183,8 +204,7 @@ def predict_with_uncertainty(
     total: torch.Tensor | None = None
     for axes in combos:
         flipped = np.flip(image, axis=tuple(a + 1 for a in axes)) if axes else image
-        probabilities = predict_probabilities(net, flipped, patch_size, device, resize,
-                                              sw_batch_size, overlap)
+        probabilities = predict_probabilities(net, flipped, tiling, device)
         if axes:
             probabilities = torch.flip(probabilities, dims=[a + 1 for a in axes])
         total = probabilities if total is None else total + probabilities

@@ -22,10 +22,9 @@ from client.imaging import (
     write_map,
     write_mask,
 )
-from client.inference import predict_classes, predict_with_uncertainty
+from client.inference import Tiling, predict_classes, predict_with_uncertainty, resolve_device
 from client.site_state import FILE_NAME as LOCAL_LAYERS
 from client.site_state import load_local_layers
-from client.trainer import resolve_device
 from shared.atomic import write_text_atomic
 from shared.checkpoint import Checkpoint
 from shared.errors import DataError
@@ -355,6 +354,7 @@ def predict_folder(model: Path, input_dir: Path, output_dir: Path,
     net, spec = site_net.net, site_net.checkpoint.spec
     torch_device = resolve_device(device)
     net.to(torch_device)
+    tiling = Tiling.of(spec)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -367,15 +367,14 @@ def predict_folder(model: Path, input_dir: Path, output_dir: Path,
         out = mask_path(image, output_dir)
         summary = None
         if uncertainty:
-            result = predict_with_uncertainty(net, array, spec.patch_size, torch_device,
-                                              spec.resize)
+            result = predict_with_uncertainty(net, array, tiling, torch_device)
             mask = result.classes
             map_out = uncertainty_path(image, output_dir)
             with _writing(map_out):
                 write_map(result.uncertainty, source, map_out)
             summary = summarise_uncertainty(mask, result.uncertainty, map_out)
         else:
-            mask = predict_classes(net, array, spec.patch_size, torch_device, spec.resize)
+            mask = predict_classes(net, array, tiling, torch_device)
         with _writing(out):
             write_mask(mask, source, out, num_classes=spec.num_classes)
         written.append(Prediction(image, out, summary))

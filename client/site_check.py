@@ -15,8 +15,6 @@ from client.config import SiteConfig
 from client.data_contract import discover_cases, load_case, split_cases
 from client.imaging import read_image
 from client.label_checks import binary_values_problem, format_values, label_values
-from client.privacy_ledger import PrivacyLedger
-from client.site_state import read_local_layers
 from shared.errors import DataError, FedsegError
 from shared.privacy import Mechanism
 
@@ -112,6 +110,11 @@ def check_state_dir(state_dir: Path, delta: float, accountant: Mechanism) -> lis
         "damaged ledger" or "damaged local layers", as a training round would stop
         with; or ``state_dir`` is not a folder.
     """
+    # Imported here: they load Opacus and PyTorch, which checking the data alone
+    # (`fedseg site check --data`) does not need.
+    from client.privacy_ledger import PrivacyLedger
+    from client.site_state import read_local_layers
+
     if state_dir.exists() and not state_dir.is_dir():
         raise DataError(state_dir, "state-dir is not a folder",
                         "set state-dir in the node config to this site's state folder")

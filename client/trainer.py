@@ -23,13 +23,12 @@ from client.accounting import calibrate_noise, sample_rate
 from client.augment import PatchDataset
 from client.config import SiteConfig
 from client.data_contract import CaseRef, LoadedCase, load_case, site_split
-from client.inference import predict_classes
+from client.inference import Tiling, predict_classes, resolve_device
 from client.preprocess import resize_image, resize_label
 from client.privacy_ledger import PrivacyLedger
 from client.proximal import proximal_term
 from client.site_state import load_local_layers, save_local_layers
 from shared.config import ModelSpec, TrainPlan
-from shared.errors import ConfigError
 from shared.metrics import case_dice
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
@@ -108,18 +107,6 @@ class EvalResult:
     dice: float
     per_case: dict[str, float]
     num_examples: int
-
-
-def resolve_device(name: str) -> torch.device:
-    """Turn a site's ``device`` setting into a ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            "node config", "device", f"'{name}' was requested but CUDA is not available here",
-            "set it to 'cpu' or 'auto', or install a CUDA build of torch",
-        )
-    return torch.device(name)
 
 
 class SiteTrainer:
@@ -333,8 +320,7 @@ class SiteTrainer:
         self.load_weights(weights)
         per_case: dict[str, float] = {}
         for case in self.data.val:
-            pred = predict_classes(self.net, case.image, self.spec.patch_size, self.device,
-                                   self.spec.resize)
+            pred = predict_classes(self.net, case.image, Tiling.of(self.spec), self.device)
             per_case[case.case_id] = case_dice(pred, case.label, self.spec.num_classes)
         dice = float(np.mean(list(per_case.values()))) if per_case else float("nan")
         return EvalResult(dice=dice, per_case=per_case, num_examples=len(per_case))
@@ -342,8 +328,7 @@ class SiteTrainer:
     def predict(self, weights: NDArrays, image: np.ndarray) -> np.ndarray:
         """Return the class map of one channel-first, normalised image."""
         self.load_weights(weights)
-        return predict_classes(self.net, image, self.spec.patch_size, self.device,
-                               self.spec.resize)
+        return predict_classes(self.net, image, Tiling.of(self.spec), self.device)
 
 
 def _optimiser(params: Iterable[torch.nn.Parameter], plan: TrainPlan) -> torch.optim.Optimizer:

@@ -93,7 +93,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from simulations.simulate import find_site_folders, plan_sites
+    from simulations.sites import find_site_folders, plan_sites
 
     folders = find_site_folders(args.data)
     plan = plan_sites(folders)
@@ -109,7 +109,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _site_check(args: argparse.Namespace) -> int:
     from client.site_check import check_site, check_state_dir, format_reports, read_site_config
-    from simulations.simulate import probe_layout
+    from simulations.sites import probe_layout
 
     # The daemon's own node config: check exactly what the SuperNode will use.
     site = read_site_config(args.config) if args.config is not None else None

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.inference import BLEND_MODE, Tiling
 from client.predict import SiteNetwork, load_site_network
 from shared.atomic import write_atomic, write_text_atomic
 from shared.config import ModelSpec
@@ -53,9 +54,6 @@ CHANNEL_MATCHING = (
     "to in_channels; RGB/RGBA is averaged over R, G, B for a 1-channel model; RGBA drops "
     "alpha for a 3-channel model"
 )
-# How `fedseg predict` tiles an image (client.predict.predict_classes's defaults;
-# tests/test_export.py fails if the two drift apart).
-SLIDING_WINDOW: dict[str, Any] = {"overlap": 0.25, "mode": "gaussian", "windows_per_batch": 4}
 OUTPUT = (
     "float32 logits over num_classes classes, shape (N, num_classes, *spatial) for an "
     "input (N, in_channels, *spatial); argmax over axis 1 gives the mask (0 = background)"
@@ -245,6 +243,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sliding_window(spec: ModelSpec) -> dict[str, Any]:
+    """Return how ``fedseg predict`` tiles an image for ``spec`` (:class:`Tiling`), for MONAI.
+
+    The values are the arguments of ``monai.inferers.sliding_window_inference``:
+    ``roi_size``, ``overlap``, ``mode`` and ``windows_per_batch`` (its ``sw_batch_size``,
+    which changes speed and memory only).
+    """
+    tiling = Tiling.of(spec)
+    return {"roi_size": list(tiling.patch_size), "overlap": tiling.overlap, "mode": BLEND_MODE,
+            "windows_per_batch": tiling.windows_per_batch}
+
+
 def _contract(request: ExportRequest, site_net: SiteNetwork, diff: float) -> dict[str, Any]:
     spec = site_net.checkpoint.spec
     spatial = _spatial_axis_names(spec.spatial_dims)
@@ -274,7 +284,7 @@ def _contract(request: ExportRequest, site_net: SiteNetwork, diff: float) -> dic
         "resize_how": RESIZE if spec.resize else None,
         "channel_matching": CHANNEL_MATCHING,
         "output": OUTPUT,
-        "sliding_window": {"roi_size": list(spec.patch_size), **SLIDING_WINDOW},
+        "sliding_window": sliding_window(spec),
         "network": {"architecture": spec.network, "norm": spec.norm,
                     "channels": list(spec.channels)},
         "adaptation": spec.adaptation,

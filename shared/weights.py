@@ -14,10 +14,15 @@ way in), so training, aggregation and the server's checkpoints stay float32.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+
+if TYPE_CHECKING:
+    # Imported where used: `fedseg predict` and `fedseg export` convert weights without
+    # ever building a Flower message, and need not load Flower.
+    from flwr.app import ArrayRecord
 
 from shared.registry import Registry
 
@@ -48,6 +53,8 @@ def numpy_to_state(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Pack named arrays into an ``ArrayRecord`` (order preserved)."""
+    from flwr.app import Array, ArrayRecord
+
     return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
 
 

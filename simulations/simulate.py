@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from client.config import SiteConfig
-from client.data_contract import DATASET_JSON, IMAGES_DIR, discover_cases
-from client.fingerprint import fingerprint_site
-from client.imaging import read_image
 from client.trainer import SiteData
 from server.config import RunConfig
 from server.report import LineReporter
@@ -29,10 +26,10 @@ from shared import settings
 from shared.atomic import write_text_atomic
 from shared.config import ModelSpec
 from shared.errors import DataError
-from shared.planning import Plan, make_plan
 from shared.run_files import RunFiles
 from shared.settings import AUTO
 from simulations.cross_site import write_cross_site
+from simulations.sites import find_site_folders, probe_layout
 
 # Settings that make the built-in synthetic task converge in a few minutes on 2 CPUs;
 # every planned key is set, so the synthetic run needs no planning round. Real data
@@ -120,55 +117,6 @@ class SimulationOutcome:
     metrics_csv: Path
     final_model: Path
     wall_seconds: float
-
-
-def find_site_folders(data: Path) -> list[Path]:
-    """Return the sub-folders of ``data`` that hold a site (sorted by name).
-
-    A folder that is itself one site (``imagesTr/`` beside ``dataset.json``) and has
-    no site sub-folders is a federation of that one site.
-    """
-    if not data.is_dir():
-        raise DataError(data, "data folder not found", "pass a folder with one sub-folder per site")
-
-    def is_site(d: Path) -> bool:
-        return (d / DATASET_JSON).is_file() or (d / IMAGES_DIR).is_dir()
-
-    sites = sorted(d for d in data.iterdir() if d.is_dir() and is_site(d))
-    if not sites and is_site(data):
-        sites = [data]
-    if not sites:
-        raise DataError(data, f"holds no site folders (sub-folders with {DATASET_JSON} or "
-                        f"{IMAGES_DIR}/)",
-                        "pass a folder with one Decathlon-layout sub-folder per site")
-    return sites
-
-
-def probe_layout(site: Path) -> tuple[int, int]:
-    """Return (spatial dimensions, channels) of the first image of ``site``.
-
-    A NIfTI's 4th axis is never taken for channels here: it may hold time points,
-    and only an explicit ``in-channels`` says they are channels (the data contract
-    refuses the series otherwise, with that fix).
-    """
-    image = read_image(discover_cases(site)[0].image)
-    spatial = image.array.ndim
-    channels = 1
-    if image.fmt == "nifti":
-        if spatial == 4:
-            spatial = 3
-    elif spatial == 3:
-        spatial, channels = 2, min(image.array.shape[-1], 3)
-    return spatial, channels
-
-
-def plan_sites(folders: list[Path]) -> Plan:
-    """Plan a run for site folders on this machine, as the ServerApp would from messages.
-
-    Each folder's fingerprint is computed by the same code a site runs
-    (:func:`client.fingerprint.fingerprint_site`), with the default validation split.
-    """
-    return make_plan([fingerprint_site(SiteConfig(data_path=folder)) for folder in folders])
 
 
 def preflight_spec(site: Path) -> ModelSpec:

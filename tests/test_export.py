@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import warnings
 from pathlib import Path
@@ -12,14 +11,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from monai.inferers import sliding_window_inference
 from PIL import Image
 from torch import nn
 
-from client.predict import predict_classes
+from client.inference import Tiling, predict_logits
 from client.site_state import FILE_NAME as LOCAL_LAYERS_FILE
 from client.site_state import save_local_layers
 from fedseg.cli import EXIT_BAD_INPUT, main
-from fedseg.export import SLIDING_WINDOW, TOLERANCE, run_onnx
+from fedseg.export import TOLERANCE, run_onnx, sliding_window
 from shared.checkpoint import Checkpoint
 from shared.config import ModelSpec
 from shared.networks import build_network
@@ -159,10 +159,19 @@ def test_contract_is_enough_to_reproduce_fedseg_predict(tmp_path: Path) -> None:
     assert np.array_equal(mask, predicted)
 
 
-def test_contract_sliding_window_matches_predict() -> None:
-    defaults = inspect.signature(predict_classes).parameters
-    assert SLIDING_WINDOW["overlap"] == defaults["overlap"].default
-    assert SLIDING_WINDOW["windows_per_batch"] == defaults["sw_batch_size"].default
+def test_contract_sliding_window_reproduces_predict_logits() -> None:
+    torch.manual_seed(0)
+    net = build_network(SPEC_2D).eval()
+    window = sliding_window(SPEC_2D)
+    # Not a multiple of the patch on either side: windows overlap unevenly and the
+    # last ones are shifted inwards, where a wrong overlap or mode would show.
+    x = torch.randn(1, 3, 45, 70, generator=torch.Generator().manual_seed(6))
+    expected = predict_logits(net, x[0].numpy(), Tiling.of(SPEC_2D), torch.device("cpu"))
+    with torch.no_grad():
+        actual = sliding_window_inference(x, window["roi_size"], window["windows_per_batch"],
+                                          net, overlap=window["overlap"], mode=window["mode"])
+    assert isinstance(actual, torch.Tensor)
+    assert torch.equal(actual, expected)
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:

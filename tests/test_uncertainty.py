@@ -17,6 +17,7 @@ from client.config import SiteConfig
 from client.data_contract import load_image_for_inference
 from client.imaging import write_mask
 from client.inference import (
+    Tiling,
     flip_axes,
     normalized_entropy,
     predict_probabilities,
@@ -99,9 +100,9 @@ def test_every_flip_is_inverted_onto_the_original_grid(shape: tuple[int, ...]) -
     # mirrored voxels, and the average would differ from the single pass.
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
     image = (sum(g * (k + 1) for k, g in enumerate(grids)) + 0.3)[None].astype(np.float32)
-    patch = (8,) * len(shape)
-    single = predict_probabilities(Pointwise(), image, patch, CPU)
-    result = predict_with_uncertainty(Pointwise(), image, patch, CPU)
+    tiling = Tiling((8,) * len(shape))
+    single = predict_probabilities(Pointwise(), image, tiling, CPU)
+    result = predict_with_uncertainty(Pointwise(), image, tiling, CPU)
     assert result.passes == 2 ** len(shape)
     assert result.classes.shape == result.uncertainty.shape == shape
     np.testing.assert_array_equal(result.classes, single.argmax(dim=0).numpy())

@@ -1,0 +1,92 @@
+"""Sliding-window inference: batched windows, odd image sizes, the tiling's batch size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from client.inference import (
+    BLEND_MODE,
+    MAX_WINDOWS_PER_BATCH,
+    Tiling,
+    predict_classes,
+    predict_logits,
+)
+from shared.config import ModelSpec
+from shared.networks import build_network
+
+CPU = torch.device("cpu")
+
+
+class Pointwise(nn.Module):
+    """Logits (x, -x) per voxel: any tiling that blends correctly reproduces them exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1], -x[:, :1]], dim=1)
+
+
+def count_windows(shape: tuple[int, ...], tiling: Tiling) -> int:
+    seen = 0
+
+    def counting(batch: torch.Tensor) -> torch.Tensor:
+        nonlocal seen
+        seen += batch.shape[0]
+        return batch
+
+    sliding_window_inference(torch.zeros(1, 1, *shape), tiling.patch_size, 1, counting,
+                             overlap=tiling.overlap, mode=BLEND_MODE)
+    return seen
+
+
+@pytest.mark.parametrize(("spec", "shape"), [
+    (ModelSpec(channels=(4, 8), patch_size=(16, 16), in_channels=3), (101, 77)),
+    (ModelSpec(channels=(4, 8), patch_size=(8, 8, 8)), (40, 27, 20)),
+], ids=["2d", "3d"])
+def test_batched_windows_give_the_logits_of_one_window_at_a_time(
+        spec: ModelSpec, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    net = build_network(spec).eval()
+    tiling = Tiling.of(spec)
+    # Several forward passes, the last one partly filled: every batching path is used.
+    windows = count_windows(shape, tiling)
+    assert 1 < tiling.windows_per_batch < windows
+    assert windows % tiling.windows_per_batch
+    image = torch.randn(spec.in_channels, *shape, generator=torch.Generator().manual_seed(1))
+    batched = predict_logits(net, image.numpy(), tiling, CPU)
+    with torch.no_grad():
+        one_at_a_time = sliding_window_inference(image[None], tiling.patch_size, 1, net,
+                                                 overlap=tiling.overlap, mode=BLEND_MODE)
+    assert isinstance(one_at_a_time, torch.Tensor)
+    assert batched.shape == (1, spec.num_classes, *shape)
+    assert float(one_at_a_time.std()) > 1e-3  # a real comparison, not two constant maps
+    torch.testing.assert_close(batched, one_at_a_time, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (16, 16), (17, 40), (33, 9, 4)],
+                         ids=["below-patch", "one-patch", "odd", "3d-odd"])
+def test_every_voxel_gets_its_own_logits_whatever_the_size(shape: tuple[int, ...]) -> None:
+    # Images smaller than the patch are padded and cropped back; others tiled with
+    # shifted last windows. A pointwise network shows any voxel that lands elsewhere.
+    tiling = Tiling((16,) * len(shape))
+    image = np.random.default_rng(2).standard_normal((1, *shape)).astype(np.float32)
+    logits = predict_logits(Pointwise(), image, tiling, CPU)
+    assert logits.shape == (1, 2, *shape)
+    np.testing.assert_allclose(logits[0, 0].numpy(), image[0], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(predict_classes(Pointwise(), image, tiling, CPU),
+                                  (image[0] < 0).astype(np.int64))
+
+
+def test_windows_per_batch_follows_the_voxel_budget() -> None:
+    assert Tiling((96, 96)).windows_per_batch == 28  # 2**18 // 9216
+    assert Tiling((64, 64)).windows_per_batch == MAX_WINDOWS_PER_BATCH
+    assert Tiling((32, 32, 32)).windows_per_batch == 8
+    assert Tiling((56, 56, 48)).windows_per_batch == 1
+    assert Tiling((128, 128, 128)).windows_per_batch == 1  # above the budget: one at a time
+
+
+def test_tiling_of_a_model_spec() -> None:
+    spec = ModelSpec(patch_size=(32, 48), resize=(64, 96))
+    assert Tiling.of(spec) == Tiling((32, 48), (64, 96), 0.25)
