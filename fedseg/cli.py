@@ -165,6 +165,46 @@ def _coordinator_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinator_signing_key(args: argparse.Namespace) -> int:
+    from fedseg.credentials import write_signing_key
+
+    key = write_signing_key(args.out, args.name, args.force)
+    print(f"private key {key.private_key}  (signs every app the sites may run; keep it off "
+          "the SuperLink's machine; mode 0600)")
+    print(f"public key  {key.public_key}  (send to every hospital)")
+    print(f"fingerprint {key.fingerprint}  (read it to each hospital by phone to confirm)")
+    print(f"trust file  {key.trust_file}  (send to every hospital: their "
+          "FEDSEG_TRUSTED_ENTITIES, e.g. /etc/fedseg/trusted-entities.yaml; or they add "
+          "this line to theirs:)")
+    print(f"  {key.trusted_entity}")
+    return 0
+
+
+def _coordinator_sign_app(args: argparse.Namespace) -> int:
+    from fedseg.app_index import sign_app
+
+    signed = sign_app(args.app, args.key, args.index, args.key_id)
+    print(f"signed   {signed.app_id}=={signed.version}  sha256 {signed.fab_sha256}")
+    print(f"filed    {signed.fab}  (signed by: {', '.join(signed.key_ids)})")
+    print(f"run it   {signed.run_command} --run-config \"...\"")
+    return 0
+
+
+def _coordinator_app_index(args: argparse.Namespace) -> int:
+    from fedseg.app_index import API_ROOT, make_server
+
+    server = make_server(args.index, args.host, args.port)
+    if not args.index.is_dir():
+        print(f"fedseg app index: {args.index} does not exist yet; sign an app into it with "
+              "'fedseg coordinator sign-app'", file=sys.stderr)
+    print(f"fedseg app index: signed apps from {args.index} on "
+          f"http://{args.host}:{args.port}{API_ROOT} (the SuperLink's FLWR_SUPERGRID_API_URL)",
+          flush=True)
+    with server:
+        server.serve_forever()
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from client.predict import UNCERTAINTY_CSV, predict_folder
 
@@ -303,6 +343,45 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--ca-key", type=Path, default=None,
                        help="the CA's key when it is kept elsewhere (with --renew)")
     certs.set_defaults(func=_coordinator_certs)
+    signing = coord_verbs.add_parser(
+        "signing-key", help="make the coordinator's app-signing key (Ed25519)",
+        description="Writes NAME.key (private; signs the apps sites may run) and NAME.pub, and "
+                    "prints the line each hospital adds to its SuperNode's trusted-entities "
+                    "file. NAME is the key's id in that file.")
+    signing.add_argument("--out", type=Path, required=True, help="folder for the key pair")
+    signing.add_argument("--name", default="fedseg-coordinator",
+                         help="the key's id in the sites' trust files "
+                              "(default fedseg-coordinator)")
+    signing.add_argument("--force", action="store_true", help="replace an existing key pair")
+    signing.set_defaults(func=_coordinator_signing_key)
+    sign = coord_verbs.add_parser(
+        "sign-app", help="sign an app and file it in the app index the SuperLink fetches from",
+        description="Builds the app's FAB as 'flwr run DIR' would (or takes a .fab), signs its "
+                    "SHA-256 with the Ed25519 key as Flower Hub signatures are made, and writes "
+                    "INDEX/<publisher>/<name>/<version>.fab and .json. Then start the run with "
+                    "'flwr run @publisher/name==version': sites whose trusted-entities file "
+                    "holds the key run it, every other app is refused.")
+    sign.add_argument("app", type=Path, help="the app's folder (e.g. /opt/fedseg) or a .fab")
+    sign.add_argument("--key", type=Path, required=True,
+                      help="the signing key from 'fedseg coordinator signing-key'")
+    sign.add_argument("--key-id", default=None,
+                      help="the key's id in the sites' trust files (default: the key file's "
+                           "name without .key)")
+    sign.add_argument("--index", type=Path, required=True,
+                      help="the app index folder, e.g. /var/lib/fedseg/coordinator/apps")
+    sign.set_defaults(func=_coordinator_sign_app)
+    index = coord_verbs.add_parser(
+        "app-index", help="serve signed apps to the SuperLink (its Flower Hub stand-in)",
+        description="Answers the SuperLink's Flower Hub requests (POST /v1/hub/fetch-fab and "
+                    "the FAB download) from the index folder; start the SuperLink with "
+                    "FLWR_SUPERGRID_API_URL=http://HOST:PORT/v1 (deploy/bin/fedseg-superlink "
+                    "does, from FEDSEG_APP_INDEX).")
+    index.add_argument("--index", type=Path, required=True, help="the app index folder")
+    index.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: only the SuperLink on "
+                            "this machine needs it)")
+    index.add_argument("--port", type=int, default=8001, help="port (default 8001)")
+    index.set_defaults(func=_coordinator_app_index)
 
     pred = verbs.add_parser(
         "predict", help="segment new images with a global model and this site's own layers")

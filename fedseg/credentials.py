@@ -2,8 +2,10 @@
 
 The coordinator makes the CA and the SuperLink's certificate and hands out only
 ``ca.crt``; each hospital makes its own authentication key pair and hands out
-only the public half, which the coordinator registers with the SuperLink. No
-private key ever has to leave the machine that made it.
+only the public half, which the coordinator registers with the SuperLink. The
+coordinator's app-signing key works the same way: only its public half goes to the
+hospitals, into their SuperNodes' trusted-entities files. No private key ever has
+to leave the machine that made it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.atomic import write_atomic
@@ -54,6 +56,18 @@ class CoordinatorCredentials:
     server_key: Path
     hosts: tuple[str, ...]
     not_after: dt.datetime
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """Paths of the coordinator's app-signing key pair, and what sites put in their trust file."""
+
+    private_key: Path
+    public_key: Path
+    fingerprint: str
+    key_id: str
+    trusted_entity: str
+    trust_file: Path
 
 
 @dataclass(frozen=True)
@@ -285,3 +299,34 @@ def write_node_key(out: Path, name: str, force: bool = False) -> NodeKey:
     _write(private_path, private, secret=True)
     _write(public_path, public, secret=False)
     return NodeKey(private_path, public_path, public_key_fingerprint(public))
+
+
+def write_signing_key(out: Path, name: str, force: bool = False) -> SigningKey:
+    """Write the coordinator's app-signing key pair as ``<name>.key`` and ``<name>.pub``.
+
+    Flower's SuperNodes check an app's signature with Ed25519 public keys in OpenSSH
+    form, each under an id (``--trusted-entities``); ``name`` is that id, and
+    ``trusted_entity`` is the line hospital IT adds to the site's trust file.
+    ``<name>.trusted-entities.yaml`` holds just that line: a site's whole trust file.
+    """
+    if not _NAME.fullmatch(name):
+        raise CredentialError(
+            f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 63), e.g. "
+            "--name fedseg-coordinator")
+    private_path, public_path = out / f"{name}.key", out / f"{name}.pub"
+    trust_path = out / f"{name}.trusted-entities.yaml"
+    _refuse_overwrite([private_path, public_path, trust_path], force)
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    public += f" fedseg-app-signing-{name}".encode()
+    entity = f'{name}: "{public.decode()}"'
+    _write(private_path, private, secret=True)
+    _write(public_path, public + b"\n", secret=False)
+    _write(trust_path, f"# Apps signed by the fedseg coordinator's key {name} "
+           f"({public_key_fingerprint(public)}).\n{entity}\n".encode(), secret=False)
+    return SigningKey(private_path, public_path, public_key_fingerprint(public), name, entity,
+                      trust_path)

@@ -1,8 +1,10 @@
-"""Checks on the deployment files: systemd units, Dockerfile and compose.yaml.
+"""Checks on the deployment files: systemd units, Dockerfiles, compose.yaml, nginx.
 
 The units are parsed here and, where ``systemd-analyze`` exists, verified by systemd
 itself; compose.yaml is validated against a small schema (the subset of the Compose
-spec it uses) and, where a Compose CLI works, by ``docker compose config``.
+spec it uses) and, where a Compose CLI works, by ``docker compose config``; the Fleet
+proxy's nginx configuration is checked by ``nginx -t`` where nginx is installed (and
+run for real in tests/test_deploy_trust.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.conftest import REPO
 SYSTEMD = REPO / "deploy" / "systemd"
 DOCKER = REPO / "deploy" / "docker"
 BIN = REPO / "deploy" / "bin"
+PROXY_CONF = REPO / "deploy" / "proxy" / "fedseg-fleet.conf"
 INSTALL_ROOT = "/opt/fedseg"
 
 UNITS = {
@@ -42,16 +45,23 @@ UNITS = {
         "env_file": "/etc/fedseg/site.env",
         "state": "fedseg/site",
     },
+    "fedseg-app-index.service": {
+        "script": "fedseg-app-index",
+        "env_file": "/etc/fedseg/superlink.env",
+        "state": "fedseg/coordinator",
+    },
 }
 
 # Environment each deploy/bin script reads (the interface between these files and it).
 SCRIPT_ENV = {
     "fedseg-superlink": {"FEDSEG_BIN", "FEDSEG_CREDENTIALS", "FEDSEG_HOST", "FEDSEG_PORT",
-                         "FEDSEG_STATE_DIR", "FEDSEG_EXTRA_ARGS"},
+                         "FEDSEG_STATE_DIR", "FEDSEG_APP_INDEX", "FEDSEG_EXTRA_ARGS"},
     "fedseg-site": {"FEDSEG_BIN", "FEDSEG_SUPERLINK", "FEDSEG_CA_CERT", "FEDSEG_NODE_KEY",
-                    "FEDSEG_SITE_CONFIG", "FEDSEG_MAX_RETRIES", "FEDSEG_MAX_WAIT_TIME",
-                    "FEDSEG_CLIENTAPPIO_PORT", "FEDSEG_EXTRA_ARGS"},
+                    "FEDSEG_TRUSTED_ENTITIES", "FEDSEG_SITE_CONFIG", "FEDSEG_MAX_RETRIES",
+                    "FEDSEG_MAX_WAIT_TIME", "FEDSEG_CLIENTAPPIO_PORT", "FEDSEG_EXTRA_ARGS"},
     "fedseg-register-sites": {"FEDSEG_BIN", "FEDSEG_SUPERLINK", "FEDSEG_CA_CERT"},
+    "fedseg-app-index": {"FEDSEG_BIN", "FEDSEG_APP_INDEX", "FEDSEG_APP_INDEX_DIR",
+                         "FEDSEG_STATE_DIR"},
 }
 INTERFACE_ENV = set().union(*SCRIPT_ENV.values())
 # Flower's own switches the units set (home directory, telemetry, update check).
@@ -255,6 +265,14 @@ COMPOSE_SCHEMA: dict[str, Any] = {
                 "additionalProperties": False,
             },
         },
+        "networks": {
+            "type": "object",
+            "additionalProperties": {
+                "type": ["object", "null"],
+                "properties": {"driver": _STRING, "name": _STRING, "internal": {"type": "boolean"}},
+                "additionalProperties": False,
+            },
+        },
     },
     "patternProperties": {"^x-": {}},
     "additionalProperties": False,
@@ -348,6 +366,7 @@ COMPOSE_SCHEMA: dict[str, Any] = {
                 "working_dir": {"type": "string", "pattern": "^/"},
                 "stop_grace_period": _DURATION,
                 "user": _STRING,
+                "networks": {**_STRINGS, "minItems": 1, "uniqueItems": True},
             },
             "additionalProperties": False,
         },
@@ -412,17 +431,37 @@ def test_schema_refuses_a_broken_compose_file(compose: dict[str, Any], damage: s
 
 def test_compose_topology(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"superlink", "register", *SITES}
+    assert set(services) == {"superlink", "register", "app-index", "proxy", *SITES}
     assert set(compose["volumes"]) == {"coordinator-state", *(f"{s}-state" for s in SITES)}
+    # The sites share a network with the proxy alone; the SuperLink is not on it.
+    assert set(compose["networks"]) == {"coordinator", "fleet"}
+    on_fleet = {name for name, s in services.items() if "fleet" in s["networks"]}
+    assert on_fleet == {"proxy", *SITES}
+    for name in ("superlink", "register", "app-index"):
+        assert services[name]["networks"] == ["coordinator"], name
 
     link = services["superlink"]
     assert link["command"] == ["fedseg-superlink"]
-    # Published on loopback only: the port also carries the unauthenticated Control API.
+    # Published on loopback only, for the coordinator's flwr CLI: the port also carries
+    # the unauthenticated Control API.
     assert link["ports"] == ["127.0.0.1:8000:8000"]
     assert "8000" in " ".join(link["healthcheck"]["test"])
     assert link["restart"] == "unless-stopped"
     assert {"type": "volume", "source": "coordinator-state",
             "target": "/var/lib/fedseg/coordinator", "read_only": False} in mounts(link)
+    assert link["environment"]["FEDSEG_APP_INDEX"] == "app-index:8001"
+
+    index = services["app-index"]
+    assert index["command"] == ["fedseg-app-index"]
+    assert index["environment"]["FEDSEG_APP_INDEX"].endswith(":8001")
+    assert {"type": "bind", "source": "./apps", "target": index["environment"][
+        "FEDSEG_APP_INDEX_DIR"], "read_only": True} in mounts(index)
+    assert "ports" not in index
+
+    proxy = services["proxy"]
+    assert proxy["ports"] == ["9092:9092"]  # the one port the hospitals reach
+    assert proxy["networks"] == ["coordinator", "fleet"]
+    assert proxy["depends_on"] == {"superlink": {"condition": "service_healthy"}}
 
     register = services["register"]
     assert register["depends_on"] == {"superlink": {"condition": "service_healthy"}}
@@ -442,12 +481,15 @@ def test_site_service(compose: dict[str, Any], site: str) -> None:
     service = compose["services"][site]
     assert service["command"] == ["fedseg-site"]
     assert service["restart"] == "unless-stopped"
-    assert service["depends_on"] == {"register": {"condition": "service_completed_successfully"}}
+    assert service["depends_on"] == {"register": {"condition": "service_completed_successfully"},
+                                     "proxy": {"condition": "service_started"}}
+    assert service["networks"] == ["fleet"]
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in devices
 
     env = service["environment"]
-    assert env["FEDSEG_SUPERLINK"] == "superlink:8000"
+    assert env["FEDSEG_SUPERLINK"] == "proxy:9092"
+    assert env["FEDSEG_TRUSTED_ENTITIES"] == "/etc/fedseg/trusted-entities.yaml"
     assert env["FEDSEG_NODE_KEY"] == f"/etc/fedseg/credentials/{site}.key"
     assert env["FEDSEG_SITE_CONFIG"] == "/etc/fedseg/site.toml"
 
@@ -459,17 +501,26 @@ def test_site_service(compose: dict[str, Any], site: str) -> None:
     assert by_target["/etc/fedseg/site.toml"]["source"] == f"./{site}.toml"
     assert by_target["/etc/fedseg/site.toml"]["read_only"] is True
     assert by_target["/var/lib/fedseg/site"]["source"] == f"{site}-state"
+    assert by_target["/etc/fedseg/trusted-entities.yaml"] == {
+        "type": "bind", "source": "./trusted-entities.yaml",
+        "target": "/etc/fedseg/trusted-entities.yaml", "read_only": True}
 
 
 def test_every_service_mounts_credentials_read_only(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         creds = [m for m in mounts(service) if m["target"] == "/etc/fedseg/credentials"]
+        if name == "app-index":  # serves public app bundles; needs no key at all
+            assert not creds
+            continue
         assert creds, f"{name} does not mount the credentials"
         assert all(m["read_only"] for m in creds), f"{name} mounts credentials writable"
 
 
 def test_compose_environment_is_the_scripts_interface(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
+        if name == "proxy":  # nginx, configured by its image (proxy.Dockerfile)
+            assert "command" not in service and "environment" not in service
+            continue
         script = service["command"][0]
         assert (BIN / script).is_file(), f"{name}: {script} is not in deploy/bin"
         env = service.get("environment", {})
@@ -490,7 +541,8 @@ def test_compose_build_points_at_the_dockerfile(compose: dict[str, Any]) -> None
         context = (DOCKER / build["context"]).resolve()
         assert context == REPO, f"{name}: build context {context} is not the repository"
         assert (context / build["dockerfile"]).is_file()
-        assert (context / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+        expected = "proxy.Dockerfile" if name == "proxy" else "Dockerfile"
+        assert (context / build["dockerfile"]).resolve() == DOCKER / expected
 
 
 def test_site_toml_example_matches_the_mounts(compose: dict[str, Any]) -> None:
@@ -525,11 +577,11 @@ def test_docker_compose_config_accepts_the_file() -> None:
 # --------------------------------------------------------------------------- Dockerfile
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
+def dockerfile_instructions(name: str = "Dockerfile") -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs with continuation lines joined."""
     out: list[tuple[str, str]] = []
     pending = ""
-    for raw in (DOCKER / "Dockerfile").read_text().splitlines():
+    for raw in (DOCKER / name).read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -586,9 +638,11 @@ def test_dockerfile_fedseg_bin_is_where_pip_puts_scripts() -> None:
     assert env["FEDSEG_BIN"] == scripts == "/usr/local/bin"
 
 
-def test_dockerfile_copies_existing_paths() -> None:
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "proxy.Dockerfile"])
+def test_dockerfile_copies_existing_paths(dockerfile: str) -> None:
     patterns = _dockerignore()
-    copies = [args for keyword, args in dockerfile_instructions() if keyword in {"COPY", "ADD"}]
+    copies = [args for keyword, args in dockerfile_instructions(dockerfile)
+              if keyword in {"COPY", "ADD"}]
     assert copies
     for args in copies:
         if args.startswith("["):
@@ -605,6 +659,78 @@ def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
     patterns = _dockerignore()
     for path in (".git", ".venv", "runs", "fedseg-state", "benchmarks/results",
                  "deploy/docker/credentials", "deploy/docker/data", "deploy/docker/site-a.toml",
-                 "client/__pycache__"):
+                 "deploy/docker/signing", "deploy/docker/apps",
+                 "deploy/docker/trusted-entities.yaml", "client/__pycache__"):
         assert _ignored(path, patterns), f"{path} would be sent to the Docker build"
     assert not _ignored("deploy/docker/site-a.toml.example", patterns)
+
+
+def test_proxy_image_is_debians_nginx_with_the_shipped_server_block() -> None:
+    steps = dockerfile_instructions("proxy.Dockerfile")
+    assert steps[0][0] == "FROM" and steps[0][1].startswith("debian:bookworm")
+    assert any(keyword == "RUN" and re.search(r"apt-get install .*\bnginx\b", args)
+               for keyword, args in steps)
+    assert ("COPY", "deploy/proxy/fedseg-fleet.conf /etc/nginx/conf.d/fedseg-fleet.conf") in steps
+    # The one edit: the upstream, from loopback to the superlink container. The RUN
+    # greps for the result, so a server block that changed its upstream line breaks
+    # the build instead of shipping a proxy that points nowhere.
+    assert "server 127.0.0.1:8000;" in PROXY_CONF.read_text()
+    assert any(keyword == "RUN" and "s/server 127.0.0.1:8000;/" in args and "grep -q" in args
+               for keyword, args in steps)
+    assert dict(steps)["CMD"] == '["nginx", "-g", "daemon off;"]'
+
+
+# --------------------------------------------------------------------------- nginx
+
+
+def _locations(conf: str) -> dict[str, str]:
+    """location pattern -> its block's text (the blocks here hold no nested braces but
+    limit_except's, which is kept inside its location)."""
+    out: dict[str, str] = {}
+    for match in re.finditer(r"location\s+([^{]+?)\s*\{", conf):
+        depth, i = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(conf[i], 0)
+            i += 1
+        out[match.group(1)] = conf[match.end():i - 1]
+    return out
+
+
+def test_proxy_forwards_only_the_fleet_api() -> None:
+    from fedseg.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
+
+    conf = "\n".join(line.split("#")[0] for line in PROXY_CONF.read_text().splitlines())
+    locations = _locations(conf)
+    assert set(locations) == {"~ ^/v1/fleet/[a-z][a-z-]*$", "/"}
+    assert locations["/"].split() == ["return", "403;"]
+    fleet = locations["~ ^/v1/fleet/[a-z][a-z-]*$"]
+    assert conf.count("proxy_pass") == 1 and "proxy_pass https://fedseg_superlink$uri;" in fleet
+    assert re.search(r"limit_except POST \{\s*deny all;\s*\}", fleet)
+    # TLS to the SuperLink is checked against the federation's CA, under a name
+    # `fedseg coordinator certs` always puts in the certificate.
+    assert "proxy_ssl_verify on;" in fleet
+    assert f"proxy_ssl_trusted_certificate /etc/fedseg/credentials/{CA_CERT};" in fleet
+    assert "proxy_ssl_name localhost;" in fleet
+    assert f"ssl_certificate /etc/fedseg/credentials/{SERVER_CERT};" in conf
+    assert f"ssl_certificate_key /etc/fedseg/credentials/{SERVER_KEY};" in conf
+    assert re.search(r"listen 9092 ssl;", conf) and "server 127.0.0.1:8000;" in conf
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_nginx_accepts_the_proxy_config(tmp_path: Path, broken: bool) -> None:
+    from fedseg.credentials import write_coordinator_credentials
+    from tests.test_deploy_trust import NGINX, NO_NGINX, render_proxy_conf
+
+    if NGINX is None:
+        pytest.skip(NO_NGINX)
+    creds = write_coordinator_credentials(tmp_path / "creds", ("fl.example.org",))
+    text = PROXY_CONF.read_text()
+    if broken:
+        text = text.replace("proxy_ssl_verify on;", "proxy_ssl_verify yes please;")
+    (tmp_path / "temp").mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_proxy_conf(text, creds.ca_cert.parent, 9, 8, tmp_path))
+    done = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(conf),
+                           "-e", str(tmp_path / "error.log")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode != 0) == broken, done.stderr

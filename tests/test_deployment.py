@@ -2,9 +2,11 @@
 
 Everything is started through the operator scripts in ``deploy/bin`` with
 credentials made by ``fedseg coordinator certs`` and ``fedseg site keygen``, so
-these tests exercise what hospital IT and the coordinator actually run. Every
-process runs in its own session and is killed at teardown; every wait has a
-deadline.
+these tests exercise what hospital IT and the coordinator actually run. Runs start
+as the coordinator starts them: the app signed with ``fedseg coordinator sign-app``,
+served by ``fedseg-app-index`` and launched as ``flwr run @fedseg/fedseg==VERSION``,
+with every site trusting the coordinator's key. Every process runs in its own
+session and is killed at teardown; every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,14 @@ FAST_RUN = {
     "channels": "8,16,32", "patch-size": "48,48", "local-steps": 3, "batch-size": 4,
     "node-wait-timeout": 60.0,
 }
+
+
+def app_spec() -> str:
+    """``@publisher/name==version`` of this repository's app, as ``flwr run`` takes it."""
+    with (REPO / "pyproject.toml").open("rb") as fh:
+        meta = tomllib.load(fh)
+    return f"@{meta['tool']['flwr']['app']['publisher']}/{meta['project']['name']}" \
+           f"=={meta['project']['version']}"
 
 
 def free_port() -> int:
@@ -108,7 +119,13 @@ class Federation:
     env: dict[str, str]
     superlink_env: dict[str, str]
     superlink: Process
+    trusted: Path
+    fleet_address: str = ""
     nodes: dict[str, Process] = field(default_factory=dict)
+    helpers: list[Process] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.fleet_address = self.fleet_address or f"127.0.0.1:{self.port}"
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root,
@@ -123,7 +140,8 @@ class Federation:
                                  ) from None
 
     def site_env(self, key: Path, site: str, ca: Path | None) -> dict[str, str]:
-        env = {**self.env, "FEDSEG_SUPERLINK": f"127.0.0.1:{self.port}",
+        env = {**self.env, "FEDSEG_SUPERLINK": self.fleet_address,
+               "FEDSEG_TRUSTED_ENTITIES": str(self.trusted),
                "FEDSEG_NODE_KEY": str(key), "FEDSEG_SITE_CONFIG": str(self.root / f"{site}.toml"),
                "FEDSEG_CLIENTAPPIO_PORT": str(free_port()), "FEDSEG_MAX_RETRIES": "3",
                "FEDSEG_MAX_WAIT_TIME": "30"}
@@ -140,10 +158,11 @@ class Federation:
         out = self.flwr_json("supernode", "ls")
         return [n for n in out.get("nodes", []) if n.get("status") == "online"]
 
-    def launch(self, run_config: dict[str, Any]) -> int:
+    def launch(self, run_config: dict[str, Any], app: str | None = None) -> int:
+        """Start a run of ``app`` (default: the signed app in the coordinator's index)."""
         text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
                         for k, v in run_config.items())
-        out = self.flwr_json("run", str(REPO), "--run-config", text)
+        out = self.flwr_json("run", app or app_spec(), "--run-config", text)
         assert out.get("success"), out
         return int(out["run-id"])
 
@@ -193,9 +212,28 @@ def _fedseg(*args: str, cwd: Path) -> str:
     return result.stdout
 
 
+def coordinator_signing(root: Path, creds: Path, index: Path) -> Path:
+    """Make the coordinator's signing key and sign this repository's app into ``index``;
+    return the trusted-entities file ``signing-key`` wrote for the sites."""
+    _fedseg("coordinator", "signing-key", "--out", str(creds), cwd=root)
+    _fedseg("coordinator", "sign-app", str(REPO), "--key", str(creds / "fedseg-coordinator.key"),
+            "--index", str(index), cwd=root)
+    return creds / "fedseg-coordinator.trusted-entities.yaml"
+
+
+def start_app_index(env: dict[str, str], index: Path, logs: Path) -> tuple[Process, str]:
+    """Start deploy/bin/fedseg-app-index on a free loopback port; return it and host:port."""
+    address = f"127.0.0.1:{free_port()}"
+    proc = start("app-index", "fedseg-app-index",
+                 {**env, "FEDSEG_APP_INDEX": address, "FEDSEG_APP_INDEX_DIR": str(index)}, logs)
+    wait_until("the app index to listen", lambda: "fedseg app index:" in proc.log(), 60,
+               proc.tail)
+    return proc, address
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    for tool in ("flwr", "flower-superlink", "flower-supernode", "flwr-clientapp"):
+    for tool in ("flwr", "flower-superlink", "flower-supernode", "flwr-clientapp", "fedseg"):
         if not (BIN / tool).exists():
             pytest.skip(f"{tool} is not installed beside {sys.executable}")
     root = tmp_path_factory.mktemp("deploy")
@@ -224,11 +262,15 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FEDSEG_BIN": str(BIN), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONUNBUFFERED": "1"}
+    trusted = coordinator_signing(root, creds, root / "coordinator" / "apps")
+    app_index, index_address = start_app_index(env, root / "coordinator" / "apps", root / "logs")
     superlink_env = {**env, "FEDSEG_CREDENTIALS": str(creds),
                      "FEDSEG_STATE_DIR": str(root / "coordinator"),
-                     "FEDSEG_HOST": "127.0.0.1", "FEDSEG_PORT": str(port)}
+                     "FEDSEG_HOST": "127.0.0.1", "FEDSEG_PORT": str(port),
+                     "FEDSEG_APP_INDEX": index_address}
     superlink = start("superlink", "fedseg-superlink", superlink_env, root / "logs")
-    fed = Federation(root, port, creds, keys, env, superlink_env, superlink)
+    fed = Federation(root, port, creds, keys, env, superlink_env, superlink, trusted,
+                     helpers=[app_index])
     try:
         wait_for_superlink(superlink)
         reg = subprocess.run(
@@ -244,7 +286,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                    lambda: "\n".join(p.tail() for p in fed.nodes.values()))
         yield fed
     finally:
-        for proc in [*fed.nodes.values(), fed.superlink]:
+        for proc in [*fed.nodes.values(), fed.superlink, *fed.helpers]:
             proc.stop()
         kill_strays(flwr_home)
 
