@@ -52,7 +52,9 @@ FAB_PATH = f"{API_ROOT}/fabs/"
 DEFAULT_PORT = 8001
 # Flower's own patterns for an app id ("@publisher/name") and a version (APP_ID_PATTERN,
 # APP_VERSION_PATTERN in flwr/supercore/constant.py): anything else `flwr run` refuses.
-_PART = re.compile(r"[A-Za-z0-9_.-]+")
+# The parts name folders here, so unlike Flower's pattern they may not start with a dot
+# ("..", ".hidden").
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _VERSION = re.compile(r"\d+\.\d+\.\d+")
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _HOST_HEADER = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -113,7 +115,7 @@ def fab_identity(fab: bytes, where: str) -> tuple[str, str, str]:
     if not (_PART.fullmatch(publisher) and _PART.fullmatch(name)):
         raise AppIndexError(
             f"{where}: app id '@{fab_id}' is not '@publisher/name' with letters, digits, "
-            "'_', '.' or '-'; fix [tool.flwr.app] publisher or [project] name")
+            "'_', '.' or '-' (not first); fix [tool.flwr.app] publisher or [project] name")
     if not _VERSION.fullmatch(str(version)):
         raise AppIndexError(
             f"{where}: version {version!r} is not x.y.z (digits only), which 'flwr run "

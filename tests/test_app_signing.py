@@ -286,12 +286,20 @@ def test_index_answers_flowers_hub_client(served: tuple[str, Path]) -> None:
 
 
 def test_index_refuses_what_it_does_not_hold(served: tuple[str, Path]) -> None:
-    url, _ = served
+    url, folder = served
+    # A signed-looking entry outside the index folder, one ".." above it.
+    outside = folder / "stolen"
+    outside.mkdir()
+    (outside / "1.2.3.fab").write_bytes(fab_bytes())
+    (outside / "1.2.3.json").write_text((folder / "index/clinic/demo/1.2.3.json").read_text())
+    with pytest.raises(ValueError, match="not found"):
+        request_download_link("@../stolen", "1.2.3", f"{url}/hub/fetch-fab", "fab_url")
     with pytest.raises(ValueError, match=r"Available app versions for @clinic/demo: 1\.2\.3"):
         request_download_link("@clinic/demo", "9.9.9", f"{url}/hub/fetch-fab", "fab_url")
     with pytest.raises(ValueError, match="not found"):
         request_download_link("@clinic/other", None, f"{url}/hub/fetch-fab", "fab_url")
-    for path in ("/fabs/clinic/demo/../../../app.fab", "/fabs/clinic/demo/9.9.9.fab",
+    for path in ("/fabs/../stolen/1.2.3.fab", "/fabs/clinic/demo/../../../app.fab",
+                 "/fabs/clinic/demo/9.9.9.fab",
                  "/fabs/clinic/demo/1.2.3.json", "/hub/fetch-fab"):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(url + path, timeout=30)
