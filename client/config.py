@@ -83,6 +83,14 @@ class SiteConfig:
             object.__setattr__(self, "state_dir", Path("fedseg-state") / self.site_name)
         check(self)
 
+    @property
+    def cache_dir(self) -> Path:
+        """The site's disk cache of decoded and prepared cases (:mod:`client.case_cache`).
+
+        Inside the state dir, so it stays at the site; deleting it is always safe.
+        """
+        return self.state_dir / "cache"
+
     @classmethod
     def from_node_config(cls, values: Mapping[str, Any]) -> SiteConfig:
         """Parse and validate a SuperNode's node config; a misspelt key is an error."""

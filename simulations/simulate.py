@@ -144,14 +144,16 @@ def find_site_folders(data: Path) -> list[Path]:
     return sites
 
 
-def probe_layout(site: Path) -> tuple[int, int]:
+def probe_layout(site: Path, cache: Path | None = None) -> tuple[int, int]:
     """Return (spatial dimensions, channels) of the first image of ``site``.
+
+    ``cache`` is the site's disk cache, for a simulation whose sites read it later.
 
     A NIfTI's 4th axis is never taken for channels here: it may hold time points,
     and only an explicit ``in-channels`` says they are channels (the data contract
     refuses the series otherwise, with that fix).
     """
-    image = read_image(discover_cases(site)[0].image)
+    image = read_image(discover_cases(site)[0].image, cache)
     spatial = image.array.ndim
     channels = 1
     if image.fmt == "nifti":
@@ -167,13 +169,15 @@ def plan_sites(folders: list[Path]) -> Plan:
 
     Each folder's fingerprint is computed by the same code a site runs
     (:func:`client.fingerprint.fingerprint_site`), with the default validation split.
+    Nothing is written: these folders are not sites with a state dir here.
     """
-    return make_plan([fingerprint_site(SiteConfig(data_path=folder)) for folder in folders])
+    return make_plan([fingerprint_site(SiteConfig(data_path=folder), disk_cache=False)
+                      for folder in folders])
 
 
-def preflight_spec(site: Path) -> ModelSpec:
+def preflight_spec(site: Path, cache: Path | None = None) -> ModelSpec:
     """Return a model spec that reads ``site``'s cases as they are (for the preflight only)."""
-    spatial, channels = probe_layout(site)
+    spatial, channels = probe_layout(site, cache)
     return ModelSpec(in_channels=channels, patch_size=(32,) * spatial)
 
 
@@ -199,7 +203,9 @@ def preflight(sites: list[SiteConfig], spec: ModelSpec) -> list[str]:
     """Read every case of every site through the data contract before Flower starts.
 
     A bad file then stops the run with one clear line before any output exists,
-    instead of surfacing later as a failed site inside the federation.
+    instead of surfacing later as a failed site inside the federation. The cases go
+    into each site's disk cache (its state dir is in the run folder), so the site
+    processes, which are other processes, decode nothing again.
     """
     lines = []
     for site in sites:
@@ -250,7 +256,7 @@ def run_simulation(request: SimulationRequest,
     if RunConfig.needs_plan(values):
         echo(f"{len(sites)} sites, strategy {config.strategy}; rounds, resolution, patch, "
              "network and schedule are planned from the sites' data fingerprints")
-        spec = preflight_spec(folders[0])
+        spec = preflight_spec(folders[0], sites[0].cache_dir)
     else:
         echo(f"{len(sites)} sites, {config.num_server_rounds} rounds, strategy "
              f"{config.strategy}, {config.model.network} {config.model.spatial_dims}D, patch "
