@@ -6,14 +6,14 @@ the per-process cache of :mod:`client.imaging`:
 
 * ``decoded/``: one image file as decoded (the array :func:`client.imaging.read_image`
   returns), whatever model reads it;
-* ``cases/``: one case as :func:`client.data_contract.load_case` prepares it
-  (normalised image, class labels), per model input setting (channels, classes,
-  dimensions, normalisation).
+* ``cases/``: one case as :func:`client.preprocess.prepared_case` prepares it
+  (checked, normalised image, class labels, resampled for training), per model
+  input setting (channels, classes, dimensions, normalisation, size).
 
 An entry is one uncompressed ``.npz`` written atomically (temporary file, then
 rename), so a reader sees a whole entry or none and concurrent writers are safe.
-Its file name is a hash of what it was made from (the source file's resolved path,
-plus the model input settings for a case), so names reveal no case, and a changed
+Its file name is a hash of what names it (the source file's resolved path, plus
+the model input settings for a case), so names reveal no case, and a changed
 file overwrites its old entry instead of adding one: the cache holds at most one
 entry per file (per setting, for cases). Inside, the entry records the source's
 identity (resolved path, size, modification and change time in nanoseconds) and a
