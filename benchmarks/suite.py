@@ -757,7 +757,7 @@ def part_inference(shapes: list[list[int]], repeats: int) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from client.inference import predict_classes
+    from client.inference import Tiling, predict_classes
     from shared.config import ModelSpec
     from shared.networks import build_network
 
@@ -768,11 +768,11 @@ def part_inference(shapes: list[list[int]], repeats: int) -> dict[str, Any]:
         net = build_network(spec).eval()
         image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         device = torch.device("cpu")
-        predict_classes(net, image, spec.patch_size, device)  # warm-up
+        predict_classes(net, image, Tiling.of(spec), device)  # warm-up
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            predict_classes(net, image, spec.patch_size, device)
+            predict_classes(net, image, Tiling.of(spec), device)
             times.append(time.perf_counter() - started)
         rows.append({"case": name, "input_shape": list(shape), "patch_size": list(spec.patch_size),
                      "channels": list(spec.channels), "median_s": statistics.median(times),

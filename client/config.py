@@ -60,7 +60,8 @@ class SiteConfig:
     site_name: str = text("site-name", "", "name in the server's metrics history",
                           shown_default="the data folder's name")
     state_dir: Path = path("state-dir", Path(), "the site's own state: local layers and the "
-                           "privacy ledger (back it up, never share it)",
+                           "privacy ledger (back it up, never share it), and `cache/` of "
+                           "decoded cases (safe to delete)",
                            shown_default="`fedseg-state/<site-name>`")
     device: str = text("device", "auto", "`auto` (CUDA when present), `cpu`, `cuda` or "
                        "`cuda:N`", rule=_device_problem, lower=True)
@@ -82,6 +83,14 @@ class SiteConfig:
         if self.state_dir == Path():
             object.__setattr__(self, "state_dir", Path("fedseg-state") / self.site_name)
         check(self)
+
+    @property
+    def cache_dir(self) -> Path:
+        """The site's disk cache of decoded and prepared cases (:mod:`client.case_cache`).
+
+        Inside the state dir, so it stays at the site; deleting it is always safe.
+        """
+        return self.state_dir / "cache"
 
     @classmethod
     def from_node_config(cls, values: Mapping[str, Any]) -> SiteConfig:

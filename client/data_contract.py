@@ -426,11 +426,13 @@ def _check_args(in_channels: int, spatial_dims: int, num_classes: int = 2) -> No
 
 
 def load_image_for_inference(
-    path: Path, in_channels: int, spatial_dims: int, normalization: str = "zscore"
+    path: Path, in_channels: int, spatial_dims: int, normalization: str = "zscore",
+    cache: Path | None = None,
 ) -> tuple[np.ndarray, ImageFile]:
     """Read and prepare one image exactly as :func:`load_case` does, without a label.
 
-    ``normalization`` names a scheme of :data:`shared.normalization.NORMALIZATIONS`.
+    ``normalization`` names a scheme of :data:`shared.normalization.NORMALIZATIONS`;
+    ``cache`` is a site's disk cache of decoded files (see :func:`~client.imaging.read_image`).
 
     Returns
     -------
@@ -446,12 +448,12 @@ def load_image_for_inference(
     """
     _check_args(in_channels, spatial_dims)
     path = Path(path)
-    source = read_image(path)
+    source = read_image(path, cache)
     return _image_channel_first(source, path, in_channels, spatial_dims, normalization), source
 
 
 def load_case(ref: CaseRef, in_channels: int, num_classes: int, spatial_dims: int,
-              normalization: str = "zscore") -> LoadedCase:
+              normalization: str = "zscore", cache: Path | None = None) -> LoadedCase:
     """Read, validate and prepare one case.
 
     Parameters
@@ -467,6 +469,8 @@ def load_case(ref: CaseRef, in_channels: int, num_classes: int, spatial_dims: in
         2 or 3; must match the image.
     normalization : str
         Intensity scheme (:data:`shared.normalization.NORMALIZATIONS`).
+    cache : pathlib.Path, optional
+        A site's disk cache of decoded files (see :func:`~client.imaging.read_image`).
 
     Returns
     -------
@@ -481,8 +485,8 @@ def load_case(ref: CaseRef, in_channels: int, num_classes: int, spatial_dims: in
     """
     _check_args(in_channels, spatial_dims, num_classes)
     image_cf, source = load_image_for_inference(ref.image, in_channels, spatial_dims,
-                                                normalization)
-    label_file = read_image(ref.label)
+                                                normalization, cache)
+    label_file = read_image(ref.label, cache)
     refuse_lossy_label(label_file.fmt, ref.label)
     refuse_copy_of_image(label_file.array, source.array, ref.label, ref.image.name)
     spatial = image_cf.shape[1:]
@@ -516,21 +520,23 @@ def _shape_mismatch(
     )
 
 
-def read_raw_case(ref: CaseRef) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+def read_raw_case(ref: CaseRef, cache: Path | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """Return a case as stored, for statistics: raw ``(C, *spatial)`` image, mask, spacing.
 
     Nothing is normalised or resampled; an alpha channel is dropped. The mask is
     ``label > 0`` of the label's single channel. Used by the data fingerprint.
+    ``cache`` is a site's disk cache of decoded files (see :func:`~client.imaging.read_image`).
 
     Raises
     ------
     DataError
         The image or label cannot be read or does not fit the contract.
     """
-    source = read_image(ref.image)
+    source = read_image(ref.image, cache)
     rank = _spatial_rank(source)
     raw = to_channel_first(source.array, rank, ref.image)[:3]
-    label_file = read_image(ref.label)
+    label_file = read_image(ref.label, cache)
     label = label_to_single_channel(to_channel_first(label_file.array, rank, ref.label),
                                     ref.label)
     if label.shape != raw.shape[1:]:

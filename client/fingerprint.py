@@ -99,8 +99,11 @@ def _two_digits(value: float) -> float:
     return float(f"{value:.2g}")
 
 
-def fingerprint_site(site: SiteConfig) -> Fingerprint:
+def fingerprint_site(site: SiteConfig, *, disk_cache: bool = True) -> Fingerprint:
     """Return the fingerprint of ``site``'s training cases (the validation split is left out).
+
+    With ``disk_cache`` the decoded files come from, and go to, the site's disk
+    cache (``site.cache_dir``); a tool that only looks at a folder turns it off.
 
     Raises
     ------
@@ -108,7 +111,8 @@ def fingerprint_site(site: SiteConfig) -> Fingerprint:
         The site has no training cases, or one cannot be read.
     """
     train, _ = site_split(site.data_path, site.patient_pattern, site.val_fraction)
-    cases = [read_raw_case(ref) for ref in train]
+    cache = site.cache_dir if disk_cache else None
+    cases = [read_raw_case(ref, cache) for ref in train]
     # Decoded already by read_raw_case: the per-process cache answers.
-    has_spacing = read_image(train[0].image).fmt == "nifti"
+    has_spacing = read_image(train[0].image, cache).fmt == "nifti"
     return site_fingerprint(cases, has_spacing=has_spacing)

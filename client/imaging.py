@@ -27,6 +27,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from PIL import Image
 
+from client import case_cache
 from shared.atomic import write_atomic
 from shared.errors import DataError
 
@@ -142,18 +143,23 @@ def _one_line(exc: BaseException, path: Path) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def read_image(path: Path) -> ImageFile:
+def read_image(path: Path, cache: Path | None = None) -> ImageFile:
     """Read a NIfTI, PNG or JPEG file completely.
 
     Parameters
     ----------
     path : pathlib.Path
         The file; its suffix (see :data:`SUFFIXES`) selects the reader.
+    cache : pathlib.Path, optional
+        A site's disk cache (``<state-dir>/cache``, see :mod:`client.case_cache`):
+        the decoded array is taken from there when the file is unchanged, and put
+        there after decoding. Without it only this process's cache is used.
 
     Returns
     -------
     ImageFile
-        The array as stored, with affine, spacing, format and (NIfTI) header.
+        The array as stored, with affine, spacing, format and (NIfTI) header. The
+        array is shared with other callers and read-only.
 
     Raises
     ------
@@ -173,34 +179,40 @@ def read_image(path: Path) -> ImageFile:
         raise DataError(path, "does not exist", "check the path or add the file")
     if not path.is_file():
         raise DataError(path, "is not a file", _SUPPORTED)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    # Taken before reading: a file changed while it is read gets a new key next time.
+    key = case_cache.file_identity(path)
     cached = _DECODED.get(key)
     if cached is not None:
         _DECODED.move_to_end(key)
         return cached
-    image = _read_nifti(path) if _FORMATS[suffix] == "nifti" else \
-        _read_picture(path, _FORMATS[suffix])
-    global DECODES
-    DECODES += 1
+    fmt = _FORMATS[suffix]
+    image = _from_disk(path, fmt, key, cache) if cache is not None else None
+    if image is None:
+        image = _read_nifti(path) if fmt == "nifti" else _read_picture(path, fmt)
+        global DECODES
+        DECODES += 1
+        if cache is not None:
+            case_cache.store(cache, "decoded", [key[0]], _disk_key(key),
+                             {"array": image.array})
     # Shared between callers: nobody may change a cached array in place.
     image.array.flags.writeable = False
     _remember(key, image)
     return image
 
 
-#: Files decoded by this process so far (tests count it: a case is decoded once).
+#: Files decoded by this process so far (tests count it: a case is decoded once per
+#: process, and not at all in a process that finds it in the site's disk cache).
 DECODES = 0
-#: Decoded files of this process, by (real path, modification time, size): a changed
-#: file has a new key, so it is read again. Bounded, least recently used first out.
-_DECODED: OrderedDict[tuple[str, int, int], ImageFile] = OrderedDict()
+#: Decoded files of this process, by :func:`client.case_cache.file_identity`: a
+#: changed file has a new key, so it is read again. Bounded, least recently used first out.
+_DECODED: OrderedDict[case_cache.Identity, ImageFile] = OrderedDict()
 _CACHE_BYTES = 4 * 2**30
 
 
 _cached_bytes = 0
 
 
-def _remember(key: tuple[str, int, int], image: ImageFile) -> None:
+def _remember(key: case_cache.Identity, image: ImageFile) -> None:
     global _cached_bytes
     _DECODED[key] = image
     _cached_bytes += image.array.nbytes
@@ -210,10 +222,39 @@ def _remember(key: tuple[str, int, int], image: ImageFile) -> None:
 
 
 def forget_decoded() -> None:
-    """Empty this process's cache of decoded files."""
+    """Empty this process's cache of decoded files (a site's disk cache stays)."""
     global _cached_bytes
     _DECODED.clear()
     _cached_bytes = 0
+
+
+def _disk_key(key: case_cache.Identity) -> list[object]:
+    return [*key, case_cache.code_version(__name__)]
+
+
+def _from_disk(path: Path, fmt: str, key: case_cache.Identity, cache: Path) -> ImageFile | None:
+    """Return the file's decoded array from the site's disk cache, or None on a miss.
+
+    Only the voxels are cached. A NIfTI's header and affine are read from the file
+    again: that reads its first few hundred bytes, without decompressing the voxels.
+    """
+    entry = case_cache.load(cache, "decoded", [key[0]], _disk_key(key), ["array"])
+    if entry is None:
+        return None
+    array = entry["array"]
+    if fmt != "nifti":
+        return ImageFile(array=array, affine=np.eye(4, dtype=np.float64), spacing=(1.0, 1.0),
+                         fmt=fmt, header=None)
+    try:
+        img: Any = nib.load(str(path))
+        header, affine = img.header, np.array(img.affine, dtype=np.float64)
+        zooms, shape = header.get_zooms(), tuple(img.shape)
+    except _READ_ERRORS:
+        return None  # decoding names the problem
+    if shape != array.shape:
+        return None
+    spacing = tuple(float(z) for z in zooms[:min(array.ndim, 3)])
+    return ImageFile(array=array, affine=affine, spacing=spacing, fmt=fmt, header=header)
 
 
 def _read_nifti(path: Path) -> ImageFile:

@@ -4,16 +4,26 @@ Applied identically in training, validation and prediction, so a model only
 ever sees images prepared the way it was trained on. Dice and masks are always
 produced at the image's own resolution: logits are resampled back, never the
 reference label.
+
+:func:`prepared_case` keeps a site's cases prepared (read, checked, normalised,
+resampled) in its disk cache, so a new process gets them without decoding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from monai.transforms import Resize
 from torch.nn import functional
+
+from client import case_cache
+from client.data_contract import CaseRef, LoadedCase, load_case
+from client.imaging import read_image
+from shared.config import ModelSpec
 
 
 def resize_image(image_cf: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -39,3 +49,73 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return logits
     mode = "bilinear" if logits.ndim == 4 else "trilinear"
     return functional.interpolate(logits, size=tuple(size), mode=mode, align_corners=False)
+
+
+#: Cases prepared (read, checked, normalised, resampled) by this process; a case
+#: found in the site's disk cache is not counted.
+PREPARED = 0
+# The code a prepared case depends on: a change to any of them prepares cases again.
+_CODE = ("client.imaging", "client.transforms", "client.data_contract",
+         "shared.normalization", __name__)
+
+
+def prepared_case(ref: CaseRef, spec: ModelSpec, size: tuple[int, ...],
+                  cache: Path | None) -> LoadedCase:
+    """Return a case as :func:`~client.data_contract.load_case` prepares it, resampled.
+
+    Parameters
+    ----------
+    ref : CaseRef
+        The case.
+    spec : ModelSpec
+        Its in-channels, classes, dimensions and normalisation apply.
+    size : tuple of int
+        Resample image and label to this size; ``()`` keeps the case's own.
+    cache : pathlib.Path or None
+        The site's disk cache (:mod:`client.case_cache`). A case prepared before
+        from the same two files, settings and code is read from there (only its
+        image file's decoded array besides); otherwise it is prepared and stored.
+        Only cases that passed every check are stored, so a hit skips nothing
+        that could fail now.
+
+    Raises
+    ------
+    DataError
+        The case breaks the data contract (never cached, so raised every time).
+    """
+    if cache is None:
+        return _prepare(ref, spec, size, None)
+    name: list[object] = [str(ref.image.resolve()), str(ref.label.resolve()), spec.in_channels,
+                          spec.num_classes, spec.spatial_dims, spec.normalization, list(size)]
+    # Taken before reading: a file changed meanwhile has another identity next time.
+    identity = [*case_cache.file_identity(ref.image), *case_cache.file_identity(ref.label),
+                case_cache.code_version(*_CODE)]
+    entry = case_cache.load(cache, "cases", name, identity, ["image", "label"])
+    if entry is not None and _fits(entry, spec):
+        return LoadedCase(case_id=ref.case_id, patient_id=ref.patient_id, image=entry["image"],
+                          label=entry["label"].astype(np.int64),
+                          source=read_image(ref.image, cache))
+    case = _prepare(ref, spec, size, cache)
+    # Class indices lie below num-classes: store them in the smallest type that holds them.
+    label = case.label.astype(np.min_scalar_type(spec.num_classes - 1))
+    case_cache.store(cache, "cases", name, identity, {"image": case.image, "label": label})
+    return case
+
+
+def _prepare(ref: CaseRef, spec: ModelSpec, size: tuple[int, ...],
+             cache: Path | None) -> LoadedCase:
+    global PREPARED
+    case = load_case(ref, spec.in_channels, spec.num_classes, spec.spatial_dims,
+                     spec.normalization, cache)
+    PREPARED += 1
+    if not size:
+        return case
+    return replace(case, image=resize_image(case.image, size),
+                   label=resize_label(case.label, size, spec.num_classes))
+
+
+def _fits(entry: dict[str, np.ndarray], spec: ModelSpec) -> bool:
+    image, label = entry["image"], entry["label"]
+    return (image.dtype == np.float32 and image.ndim == spec.spatial_dims + 1
+            and image.shape[0] == spec.in_channels and label.shape == image.shape[1:]
+            and np.issubdtype(label.dtype, np.integer))

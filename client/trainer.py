@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 from client.accounting import calibrate_noise, sample_rate
 from client.augment import PatchDataset
 from client.config import SiteConfig
-from client.data_contract import CaseRef, LoadedCase, load_case, site_split
+from client.data_contract import LoadedCase, site_split
 from client.inference import Tiling, predict_classes, resolve_device
-from client.preprocess import resize_image, resize_label
+from client.preprocess import prepared_case
 from client.privacy_ledger import PrivacyLedger
 from client.proximal import proximal_term
 from client.site_state import load_local_layers, save_local_layers
@@ -48,27 +48,19 @@ class SiteData:
 
     @classmethod
     def load(cls, site: SiteConfig, spec: ModelSpec) -> SiteData:
-        """Read every case of ``site`` through the data contract and split it by patient."""
+        """Read every case of ``site`` through the data contract and split it by patient.
+
+        Prepared cases come from, and go to, the site's disk cache (``site.cache_dir``),
+        so a new process (a SuperNode starts one per message) decodes nothing again.
+        """
         train_refs, val_refs = site_split(site.data_path, site.patient_pattern,
                                           site.val_fraction)
-
-        def load(refs: Sequence[CaseRef]) -> tuple[LoadedCase, ...]:
-            return tuple(
-                load_case(r, spec.in_channels, spec.num_classes, spec.spatial_dims,
-                          spec.normalization) for r in refs
-            )
-
         # Training cases are resampled once to the planned size; validation cases keep
         # their own, so Dice is measured against the label as the hospital drew it.
-        train = tuple(_resized(c, spec) for c in load(train_refs))
-        return cls(train=train, val=load(val_refs))
-
-
-def _resized(case: LoadedCase, spec: ModelSpec) -> LoadedCase:
-    if not spec.resize:
-        return case
-    return replace(case, image=resize_image(case.image, spec.resize),
-                   label=resize_label(case.label, spec.resize, spec.num_classes))
+        return cls(
+            train=tuple(prepared_case(r, spec, spec.resize, site.cache_dir) for r in train_refs),
+            val=tuple(prepared_case(r, spec, (), site.cache_dir) for r in val_refs),
+        )
 
 
 @dataclass(frozen=True)

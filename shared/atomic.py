@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
+def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp",
+                 durable: bool = True) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     Parameters
@@ -20,6 +21,10 @@ def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp"
     suffix : str
         Ending of the temporary name, for writers that infer the format from it
         (nibabel does).
+    durable : bool
+        Flush the content to the disk before the rename, so that after a power
+        loss ``path`` holds the old or the new content. A cache whose reader
+        detects a torn file may skip it for speed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
@@ -27,8 +32,9 @@ def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp"
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -119,9 +119,9 @@ class SimulationOutcome:
     wall_seconds: float
 
 
-def preflight_spec(site: Path) -> ModelSpec:
+def preflight_spec(site: Path, cache: Path | None = None) -> ModelSpec:
     """Return a model spec that reads ``site``'s cases as they are (for the preflight only)."""
-    spatial, channels = probe_layout(site)
+    spatial, channels = probe_layout(site, cache)
     return ModelSpec(in_channels=channels, patch_size=(32,) * spatial)
 
 
@@ -147,7 +147,9 @@ def preflight(sites: list[SiteConfig], spec: ModelSpec) -> list[str]:
     """Read every case of every site through the data contract before Flower starts.
 
     A bad file then stops the run with one clear line before any output exists,
-    instead of surfacing later as a failed site inside the federation.
+    instead of surfacing later as a failed site inside the federation. The cases go
+    into each site's disk cache (its state dir is in the run folder), so the site
+    processes, which are other processes, decode nothing again.
     """
     lines = []
     for site in sites:
@@ -198,7 +200,7 @@ def run_simulation(request: SimulationRequest,
     if RunConfig.needs_plan(values):
         echo(f"{len(sites)} sites, strategy {config.strategy}; rounds, resolution, patch, "
              "network and schedule are planned from the sites' data fingerprints")
-        spec = preflight_spec(folders[0])
+        spec = preflight_spec(folders[0], sites[0].cache_dir)
     else:
         echo(f"{len(sites)} sites, {config.num_server_rounds} rounds, strategy "
              f"{config.strategy}, {config.model.network} {config.model.spatial_dims}D, patch "

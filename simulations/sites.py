@@ -39,14 +39,16 @@ def find_site_folders(data: Path) -> list[Path]:
     return sites
 
 
-def probe_layout(site: Path) -> tuple[int, int]:
+def probe_layout(site: Path, cache: Path | None = None) -> tuple[int, int]:
     """Return (spatial dimensions, channels) of the first image of ``site``.
+
+    ``cache`` is the site's disk cache, for a simulation whose sites read it later.
 
     A NIfTI's 4th axis is never taken for channels here: it may hold time points,
     and only an explicit ``in-channels`` says they are channels (the data contract
     refuses the series otherwise, with that fix).
     """
-    image = read_image(discover_cases(site)[0].image)
+    image = read_image(discover_cases(site)[0].image, cache)
     spatial = image.array.ndim
     channels = 1
     if image.fmt == "nifti":
@@ -62,5 +64,7 @@ def plan_sites(folders: list[Path]) -> Plan:
 
     Each folder's fingerprint is computed by the same code a site runs
     (:func:`client.fingerprint.fingerprint_site`), with the default validation split.
+    Nothing is written: these folders are not sites with a state dir here.
     """
-    return make_plan([fingerprint_site(SiteConfig(data_path=folder)) for folder in folders])
+    return make_plan([fingerprint_site(SiteConfig(data_path=folder), disk_cache=False)
+                      for folder in folders])

@@ -132,7 +132,8 @@ def test_fingerprint_reply_through_the_client_app_holds_only_aggregates(tmp_path
 
     folder = write_synthetic_federation(tmp_path, num_sites=1, cases_per_site=7,
                                         shape=(40, 40))[0]
-    app = make_client_app(lambda ctx: SiteConfig(data_path=folder, site_name="site-a"))
+    app = make_client_app(lambda ctx: SiteConfig(data_path=folder, site_name="site-a",
+                                                 state_dir=tmp_path / "state"))
     query = Message(RecordDict(), dst_node_id=1, message_type=p.FINGERPRINT_QUERY)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     reply = app(query, context)

@@ -23,8 +23,9 @@ def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def trainer(site_dir: Path) -> SiteTrainer:
+    # Its state (and disk cache) beside the data, not in the working directory.
     return SiteTrainer(SiteConfig(data_path=site_dir, val_fraction=0.25, device="cpu",
-                                  num_threads=1), SPEC)
+                                  num_threads=1, state_dir=site_dir.parent / "state"), SPEC)
 
 
 def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
