@@ -12,6 +12,7 @@ from client.inference import (
     BLEND_MODE,
     MAX_WINDOWS_PER_BATCH,
     Tiling,
+    class_map,
     predict_classes,
     predict_logits,
 )
@@ -90,3 +91,15 @@ def test_windows_per_batch_follows_the_voxel_budget() -> None:
 def test_tiling_of_a_model_spec() -> None:
     spec = ModelSpec(patch_size=(32, 48), resize=(64, 96))
     assert Tiling.of(spec) == Tiling((32, 48), (64, 96), 0.25)
+
+
+def test_class_map_is_the_argmax_with_ties_to_the_lower_class() -> None:
+    scores = torch.tensor([[[0.0, 1.0, 2.0, 5.0]],
+                           [[0.0, 3.0, 2.0, 4.0]],
+                           [[-1.0, 3.0, 2.0, 5.0]]])
+    np.testing.assert_array_equal(class_map(scores), [[0, 1, 0, 0]])
+    assert class_map(scores).dtype == np.int64
+    rng = torch.Generator().manual_seed(3)
+    # Rounded, so many voxels tie between two or three classes.
+    many = torch.round(torch.randn(3, 40, 30, generator=rng))
+    np.testing.assert_array_equal(class_map(many), many.argmax(dim=0).numpy())
