@@ -297,10 +297,14 @@ class SiteTrainer:
             loss.backward()
             dp_optimiser.step()
             losses.append(float(loss.detach()))
-        self.net.load_state_dict(net.state_dict())
-        self._save_local()
+        # The ledger first: a crash before its save then leaves nothing of this round at
+        # the site, neither on disk nor in memory, and one after it over-counts (the safe
+        # side). Saved after them, local layers trained by uncounted steps could leak
+        # through the next round's update.
         epsilon = ledger.epsilon(privacy.delta, privacy.accountant, (noise, rate, taken))
         ledger.record((noise, rate, taken), plan.server_round, epsilon)
+        self.net.load_state_dict(net.state_dict())
+        self._save_local()
         return TrainResult(
             weights=self.weights(), num_examples=self.num_train_cases,
             train_loss=float(np.mean(losses)) if losses else float("nan"), steps=taken,

@@ -59,8 +59,13 @@ class RunConfig:
     node_wait_timeout: float = number("node-wait-timeout", 300.0, "seconds to wait for "
                                       "min-available-nodes before failing clearly", minimum=0.0,
                                       exclusive_minimum=True)
-    round_timeout: float = number("round-timeout", 3600.0, "seconds to wait for replies in each "
-                                  "phase of a round", minimum=0.0, exclusive_minimum=True)
+    round_timeout: float = number("round-timeout", 3600.0, "deadline in seconds of each phase "
+                                  "of a round: it goes on when every site replied or this "
+                                  "passed; later replies are recorded as late, never used",
+                                  minimum=0.0, exclusive_minimum=True)
+    round_retries: int = integer("round-retries", 2, "times a round's training is sent again "
+                                 "when fewer than min-train-nodes sites sent weights by its "
+                                 "deadline, before the run stops", minimum=0)
     trim_fraction: float = number("trim-fraction", 0.2, "share of values cut at each end "
                                   "(strategy fedtrimmedavg)", minimum=0.0, maximum=0.5,
                                   exclusive_maximum=True)

@@ -14,17 +14,27 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.config import RunConfig
+from server.deadline import (
+    SYSTEM_CLOCK,
+    Asked,
+    ChosenSites,
+    Clock,
+    ask,
+    choose_nodes,
+    late_note,
+    no_reply_note,
+)
 from server.history import MetricsHistory, RoundRecord, SiteRound
 from server.resume import ResumeState
-from server.strategies import build_strategy
+from server.strategies import base_strategy, build_strategy
 from server.validation import norm_outliers, step_problem, update_norm, update_problem
 from shared import protocol as p
 from shared.atomic import write_text_atomic
@@ -62,6 +72,8 @@ class FederationState:
     server_round: int
     weights: NDArrays
     history: MetricsHistory
+    # Messages whose round deadline passed unanswered, by id: a reply to one is late.
+    late: dict[str, Asked] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,11 @@ def _read_reply(entry: SiteRound, msg: Message, phase: str) -> bool:
     return True
 
 
+def _add_error(entry: SiteRound, note: str) -> None:
+    # Both phases may fail for one site in one round; keep both notes.
+    entry.error = f"{entry.error}; {note}" if entry.error else note
+
+
 def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[Message],
                     phase: str, known: Mapping[int, str]) -> list[Message]:
     """Store each site's reply in ``record``; return the replies fit for aggregation.
@@ -160,7 +177,7 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
         answered.add(node)
         if msg.has_error():
             entry = record.site(node, known.get(node, ""))
-            entry.error = f"{phase}: {msg.error.reason}"
+            _add_error(entry, f"{phase}: {msg.error.reason}")
             log.warning("site node-%s failed in %s: %s", node, phase, msg.error.reason)
             continue
         tag = msg.content.config_records.get(p.SITE)
@@ -169,7 +186,7 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
         try:
             usable = _read_reply(entry, msg, phase)
         except (KeyError, ValueError) as exc:
-            entry.error = f"{phase}: malformed reply ({exc})"
+            _add_error(entry, f"{phase}: malformed reply ({exc})")
             log.warning("site %s sent a malformed %s reply: %s", entry.site, phase, exc)
             continue
         if usable:
@@ -177,7 +194,7 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
     for msg in sent:
         if msg.metadata.dst_node_id not in answered:
             entry = record.site(msg.metadata.dst_node_id, known.get(msg.metadata.dst_node_id, ""))
-            entry.error = f"{phase}: no reply within round-timeout"
+            _add_error(entry, no_reply_note(phase))
     return ok
 
 
@@ -232,41 +249,137 @@ def _on_the_wire(messages: list[Message], transfer: str) -> list[Message]:
     return messages
 
 
-def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: FederationState
-              ) -> FederationState:
+
+def _has_weights(msg: Message) -> bool:
+    """Whether a train reply brings weights (no error, no refusal)."""
+    if msg.has_error() or p.ARRAYS not in msg.content.array_records:
+        return False
+    privacy = msg.content.config_records.get(p.PRIVACY)
+    return not (privacy is not None and privacy.get(p.REFUSED))
+
+
+def _answered(msg: Message) -> bool:
+    return not msg.has_error()
+
+
+def _asking(rnd: int, phase: str, attempt: int) -> Callable[[Message], Asked]:
+    """Return what a message of this phase is, for recognising its late reply."""
+    return lambda msg: Asked(rnd, phase, attempt, msg.metadata.dst_node_id)
+
+
+def _record_late(record: RoundRecord | None, asked: Asked, msg: Message,
+                 known: Mapping[int, str]) -> None:
+    """Note a reply that came after its deadline against its round; it is never used."""
+    note = late_note(asked.phase, msg)
+    log.warning("round %d: node-%s's %s reply came after round-timeout and is not used",
+                asked.server_round, asked.node_id, asked.phase)
+    # A reply to an abandoned attempt of a retried round has no entry to amend.
+    if record is None or record.retries != asked.attempt:
+        return
+    tag = None if msg.has_error() else msg.content.config_records.get(p.SITE)
+    name = str(tag[p.SITE_NAME]) if tag is not None and p.SITE_NAME in tag else ""
+    entry = record.site(asked.node_id, name or known.get(asked.node_id, ""))
+    missing = no_reply_note(asked.phase)
+    if entry.error and missing in entry.error:
+        entry.error = entry.error.replace(missing, note)
+    else:
+        _add_error(entry, note)
+
+
+def _configure(build: Callable[[int, ArrayRecord, ConfigRecord, Grid], Iterable[Message]],
+               rnd: int, weights: NDArrays, config: ConfigRecord, grid: Grid,
+               nodes: list[int]) -> list[Message]:
+    """Return the strategy's messages for exactly ``nodes``, built without Flower's sampling."""
+    if not nodes:
+        raise NotEnoughSitesError("no site is connected; start the SuperNodes")
+    sent = list(build(rnd, to_record(weights), config, cast(Grid, ChosenSites(grid, nodes))))
+    if sorted(m.metadata.dst_node_id for m in sent) != nodes:
+        # Only a strategy built with a fraction or minimum of its own could do this.
+        raise RuntimeError("the strategy chose its own sites; build it with "
+                           "server.strategies.build_strategy")
+    return sent
+
+
+def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: FederationState,
+              clock: Clock = SYSTEM_CLOCK) -> FederationState:
     """Run one round of training and evaluation and return the new state.
+
+    Each phase asks the connected sites and waits for all of them, but no longer
+    than ``round-timeout``. Training goes on with the sites that sent weights in
+    time if they are at least ``min-train-nodes``; otherwise it is sent again, up
+    to ``round-retries`` times, and then the run stops. Replies after the deadline
+    are recorded as late and never aggregated.
 
     Parameters
     ----------
     grid : flwr.serverapp.Grid
         Connection to the sites.
-    strategy : FedAvg
-        Flower strategy (FedAvg, FedProx or FedAdam) that selects sites and aggregates.
+    strategy : Strategy
+        Flower strategy from :func:`build_strategy` that builds messages and aggregates.
     config : RunConfig
         The run's settings.
     state : FederationState
         State after the previous round.
+    clock : Clock
+        Time source and sleep (scripted in tests).
 
     Returns
     -------
     FederationState
-        The new global weights and the history with this round appended. If fewer
-        than ``min-train-nodes`` sites return weights, the previous weights are kept.
+        The new global weights and the history with this round appended. If
+        updates are rejected or the server step is refused, the previous weights
+        are kept.
+
+    Raises
+    ------
+    NotEnoughSitesError
+        Too few sites connected within ``node-wait-timeout``, or fewer than
+        ``min-train-nodes`` sent weights in time in every attempt (the last
+        attempt's record is then appended to the history).
     """
     rnd = state.server_round + 1
-    record = RoundRecord(round=rnd)
-    wait_for_nodes(grid, max(config.min_available_nodes, config.min_train_nodes),
-                   config.node_wait_timeout)
-
-    train_config = ConfigRecord(config.round_config(rnd))
-    started = time.monotonic()
     transfer = config.training.transfer_dtype
-    sent = _on_the_wire(list(strategy.configure_train(rnd, to_record(state.weights),
-                                                      train_config, grid)), transfer)
-    replies = grid.send_and_receive(sent, timeout=config.round_timeout)
-    record.train_seconds = time.monotonic() - started
     known = state.history.site_names()
-    ok = _record_replies(record, sent, replies, "train", known)
+    record = RoundRecord(round=rnd)
+
+    def on_late(asked: Asked, msg: Message) -> None:
+        rounds = [*state.history.rounds, record]
+        _record_late(next((r for r in rounds if r.round == asked.server_round), None),
+                     asked, msg, known)
+
+    base = base_strategy(strategy)
+    for attempt in range(config.round_retries + 1):
+        record = RoundRecord(round=rnd, retries=attempt)
+        nodes = wait_for_nodes(grid, max(config.min_available_nodes, config.min_train_nodes),
+                               config.node_wait_timeout, clock.now, clock.sleep)
+        chosen = choose_nodes(nodes, base.fraction_train, config.min_train_nodes,
+                              f"{config.training.seed}:{rnd}:{attempt}:train")
+        started = clock.now()
+        sent = _on_the_wire(_configure(strategy.configure_train, rnd, state.weights,
+                                       ConfigRecord(config.round_config(rnd)), grid, chosen),
+                            transfer)
+        replies, _ = ask(grid, sent, _asking(rnd, "train", attempt),
+                         config.min_train_nodes, _has_weights, started + config.round_timeout,
+                         clock, state.late, on_late)
+        record.train_seconds = clock.now() - started
+        ok = _record_replies(record, sent, replies, "train", known)
+        if len(ok) >= config.min_train_nodes:
+            break
+        log.warning("round %d: %d of the required %d sites sent weights within round-timeout "
+                    "(attempt %d of %d)", rnd, len(ok), config.min_train_nodes, attempt + 1,
+                    config.round_retries + 1)
+    else:
+        record.finalise()
+        state.history.rounds.append(record)
+        raise NotEnoughSitesError(
+            f"round {rnd}: in {config.round_retries + 1} attempts, fewer than min-train-nodes "
+            f"({config.min_train_nodes}) sites sent weights within round-timeout "
+            f"({config.round_timeout:g} s); in the last, {len(ok)} of the {len(sent)} sites "
+            "asked did, and the others' errors are in metrics.json; fix or restart those "
+            "sites, raise round-timeout or round-retries, or lower min-train-nodes in the run "
+            "config"
+        )
+
     ok = _reject_bad_updates(record, ok, state.weights, config)
     weights = state.weights
     if len(ok) >= config.min_train_nodes:
@@ -283,25 +396,32 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
                 record.step_refused = problem
                 log.warning("round %d: keeping the previous global model: %s", rnd, problem)
     else:
-        log.warning("round %d: %d of the required %d sites returned weights; keeping the "
-                    "previous global model", rnd, len(ok), config.min_train_nodes)
+        log.warning("round %d: %d of the required %d sites sent acceptable weights; keeping "
+                    "the previous global model", rnd, len(ok), config.min_train_nodes)
 
+    nodes = wait_for_nodes(grid, config.min_evaluate_nodes, config.node_wait_timeout,
+                           clock.now, clock.sleep)
+    chosen = choose_nodes(nodes, base.fraction_evaluate, config.min_evaluate_nodes,
+                          f"{config.training.seed}:{rnd}:evaluate")
+    started = clock.now()
     eval_config = ConfigRecord({**config.model.to_config(), "server-round": rnd})
-    started = time.monotonic()
-    sent = _on_the_wire(list(strategy.configure_evaluate(rnd, to_record(weights), eval_config,
-                                                         grid)), transfer)
-    replies = grid.send_and_receive(sent, timeout=config.round_timeout)
-    record.evaluate_seconds = time.monotonic() - started
+    sent = _on_the_wire(_configure(strategy.configure_evaluate, rnd, weights, eval_config, grid,
+                                   chosen), transfer)
+    replies, _ = ask(grid, sent, _asking(rnd, "evaluate", record.retries), 0, _answered,
+                     started + config.round_timeout, clock, state.late, on_late)
+    record.evaluate_seconds = clock.now() - started
     _record_replies(record, sent, replies, "evaluate", known)
     record.finalise()
     state.history.rounds.append(record)
-    return FederationState(server_round=rnd, weights=weights, history=state.history)
+    return FederationState(server_round=rnd, weights=weights, history=state.history,
+                           late=state.late)
 
 
 def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
                    folder: RunFolder, reporter: Reporter,
                    strategy: Strategy | None = None,
-                   resumed: ResumeState | None = None) -> FederationState:
+                   resumed: ResumeState | None = None,
+                   clock: Clock = SYSTEM_CLOCK) -> FederationState:
     """Run all rounds, writing a checkpoint, the history and the resume state after each one.
 
     Parameters
@@ -320,6 +440,8 @@ def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
         The aggregation strategy; :func:`build_strategy` of ``config`` when omitted.
     resumed : ResumeState, optional
         A saved run to continue after its last round (``initial_weights`` then unused).
+    clock : Clock
+        Time source and sleep of the round deadlines (scripted in tests).
 
     Returns
     -------
@@ -333,7 +455,12 @@ def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
             run_config=config.to_dict(), rounds=resumed.history.rounds))
         resumed.restore(strategy)
     while state.server_round < config.num_server_rounds:
-        state = run_round(grid, strategy, config, state)
+        try:
+            state = run_round(grid, strategy, config, state, clock)
+        except NotEnoughSitesError:
+            # The failed round's per-site errors; the resume state still points before it.
+            state.history.write(folder)
+            raise
         folder.save_round(state, config)
         # Last: a crash before it resumes at this round again, and the history it
         # holds is the one rewritten then, so every round is recorded once.

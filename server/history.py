@@ -41,11 +41,15 @@ class RoundRecord:
     mean_val_dice: float | None = None
     mean_train_loss: float | None = None
     aggregated: bool = False
-    # Wall-clock seconds of each phase, each bounded by round-timeout.
+    # Wall-clock seconds of each phase (training: its last attempt), each bounded by
+    # round-timeout plus one pull of replies.
     train_seconds: float | None = None
     evaluate_seconds: float | None = None
     # Why the aggregated model was refused and the previous one kept (None: accepted).
     step_refused: str | None = None
+    # Times the training phase was sent again because fewer than min-train-nodes sites
+    # sent weights within round-timeout (round-retries bounds it).
+    retries: int = 0
 
     def site(self, node_id: int, name: str) -> SiteRound:
         """Return the entry of ``node_id``, adding it on first use."""

@@ -28,6 +28,8 @@ def format_round(record: RoundRecord, num_rounds: int,
     ``seconds_left``, when given and rounds remain, is shown as the time left.
     """
     status = "" if record.aggregated else "  (not aggregated: too few sites replied)"
+    if record.retries:
+        status += f"  (training sent {record.retries + 1} times)"
     took = ""
     if record.train_seconds is not None and record.evaluate_seconds is not None:
         left = ("" if seconds_left is None or record.round >= num_rounds

@@ -39,11 +39,7 @@ class StrategySettings(Protocol):
     @property
     def server_learning_rate(self) -> float: ...  # noqa: D102
     @property
-    def min_available_nodes(self) -> int: ...  # noqa: D102
-    @property
     def min_train_nodes(self) -> int: ...  # noqa: D102
-    @property
-    def min_evaluate_nodes(self) -> int: ...  # noqa: D102
     @property
     def training(self) -> TrainPlan: ...  # noqa: D102
     @property
@@ -139,13 +135,26 @@ def build_strategy(config: StrategySettings) -> Strategy:
 def build_base_strategy(config: StrategySettings) -> FedAvg:
     """Return the registered strategy of ``config``.
 
-    Every strategy weights a site's update by its number of training cases and
-    samples all connected sites (``fraction = 1``), never fewer than the
-    configured minimums.
+    Every strategy weights a site's update by its number of training cases. The
+    coordinator chooses the sites itself, with a deadline, and enforces the
+    run's minimums (:mod:`server.deadline`); the strategy is shown only the
+    chosen sites and asks them all (fraction 1, minimums 1), because Flower's own
+    sampling would wait without a deadline for sites that have gone.
     """
     entry = STRATEGIES[config.strategy]
     return entry.cls(
-        min_train_nodes=config.min_train_nodes, min_evaluate_nodes=config.min_evaluate_nodes,
-        min_available_nodes=config.min_available_nodes, weighted_by_key=p.NUM_EXAMPLES,
+        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
+        min_available_nodes=1, weighted_by_key=p.NUM_EXAMPLES,
         arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG, **entry.options(config),
     )
+
+
+def base_strategy(strategy: Strategy) -> FedAvg:
+    """Return the aggregating strategy inside ``strategy`` (a central-DP wrapper holds one)."""
+    inner = getattr(strategy, "strategy", None)
+    if isinstance(inner, Strategy):
+        return base_strategy(inner)
+    if not isinstance(strategy, FedAvg):
+        raise TypeError(f"{type(strategy).__name__} is not one of fedseg's strategies; build it "
+                        "with server.strategies.build_strategy")
+    return strategy

@@ -32,29 +32,74 @@ def _task_identity() -> Iterator[None]:
 
 
 Responder = Callable[[Message], Message | None]
+Delay = float | Callable[[Message], float]
+
+
+class FakeTime:
+    """A scripted clock for the coordinator's deadlines: ``sleep`` moves it on at once."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0, seconds
+        self.now += seconds
 
 
 class FakeGrid:
-    """A Grid whose sites are Python functions: message in, reply out (None: no reply)."""
+    """A Grid whose sites are Python functions: message in, reply out (None: no reply).
 
-    def __init__(self, responders: dict[int, Responder]) -> None:
+    ``delays`` gives a site's reply time in seconds of the scripted clock
+    ``grid.clock`` (a number, or a function of the message): a reply is computed
+    when its message is pushed and can be pulled once that time has passed.
+    """
+
+    def __init__(self, responders: dict[int, Responder],
+                 delays: dict[int, Delay] | None = None) -> None:
         self.responders = responders
+        self.delays = dict(delays or {})
         self.sent: list[Message] = []
+        self.time = FakeTime()
+        self._due: list[tuple[float, Message]] = []
+
+    @property
+    def clock(self):  # type: ignore[no-untyped-def]
+        from server.deadline import Clock
+
+        return Clock(lambda: self.time.now, self.time.sleep)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.responders)
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
         for msg in messages:
             # Flower's Grid gives each pushed message its id in place, as here.
-            msg.metadata.__dict__["_message_id"] = msg.object_id
+            msg.metadata.__dict__["_message_id"] = f"message-{len(self.sent) + 1}"
             self.sent.append(msg)
+            ids.append(msg.metadata.message_id)
             reply = self.responders[msg.metadata.dst_node_id](msg)
             if reply is not None:
-                replies.append(reply)
-        return replies
+                delay = self.delays.get(msg.metadata.dst_node_id, 0.0)
+                after = delay(msg) if callable(delay) else delay
+                self._due.append((self.time.now + after, reply))
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        wanted = set(message_ids)
+        out = [r for t, r in self._due
+               if t <= self.time.now and r.metadata.reply_to_message_id in wanted]
+        self._due = [(t, r) for t, r in self._due if not any(r is o for o in out)]
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        ids = list(self.push_messages(messages))
+        # Flower's loop: everything due within the timeout, with no time passing here.
+        limit = self.time.now + (timeout or 0.0)
+        out = [r for t, r in self._due if t <= limit and r.metadata.reply_to_message_id in ids]
+        self._due = [(t, r) for t, r in self._due if not any(r is o for o in out)]
+        return out
 
 
 def fingerprint_reply(msg: Message) -> Message:

@@ -386,6 +386,7 @@ def test_client_without_the_ca_certificate_cannot_connect(federation: Federation
     assert len(fed.online_nodes()) == 3
 
 
+@pytest.mark.faults
 def test_run_completes_when_a_site_dies_mid_run(federation: Federation) -> None:
     fed = federation
     # Generous for a loaded 2-core CI machine; a dead site is declared unavailable by
@@ -426,6 +427,7 @@ def test_run_completes_when_a_site_dies_mid_run(federation: Federation) -> None:
     assert RunFiles(folder).final_model.is_file()
 
 
+@pytest.mark.faults
 def test_superlink_restart_keeps_runs_and_registrations(federation: Federation) -> None:
     fed = federation
     before = {r["run-id"]: r["status"] for r in fed.flwr_json("ls")["runs"]}

@@ -97,6 +97,7 @@ def test_round_sends_model_and_plan_to_every_site() -> None:
     assert sent["model-patch-size"] == "64,64"
 
 
+@pytest.mark.faults
 def test_failed_and_silent_sites_are_recorded_and_excluded() -> None:
     def broken(msg: Message) -> Message:
         return Message(Error(code=0, reason="disk full"), reply_to=msg)
@@ -106,16 +107,20 @@ def test_failed_and_silent_sites_are_recorded_and_excluded() -> None:
         2: broken,
         3: lambda msg: None,
     })
-    cfg = config(**{"min-train-nodes": 1, "min-evaluate-nodes": 1})
+    cfg = config(**{"min-train-nodes": 1, "min-evaluate-nodes": 1, "round-timeout": 30.0})
     state = run_round(grid, build_strategy(cfg), cfg,
-                      FederationState(0, initial(), MetricsHistory({})))
+                      FederationState(0, initial(), MetricsHistory({})), grid.clock)
     np.testing.assert_array_equal(state.weights["w"], np.array([2.0, 2.0]))
     errors = {s.node_id: s.error for s in state.history.rounds[0].sites}
     assert errors[1] is None
-    assert "disk full" in str(errors[2])
-    assert "no reply" in str(errors[3])
+    assert errors[2] == "train: disk full; evaluate: disk full"
+    assert errors[3] == ("train: no reply within round-timeout; "
+                         "evaluate: no reply within round-timeout")
+    # Each phase waited for the silent site until its deadline, and not longer.
+    assert grid.time.now == 60.0
 
 
+@pytest.mark.faults
 def test_superlink_error_for_a_dead_site_is_recorded_under_that_site() -> None:
     alive = True
 
@@ -140,16 +145,31 @@ def test_superlink_error_for_a_dead_site_is_recorded_under_that_site() -> None:
     assert second["a"].error is None and state.history.rounds[1].aggregated
 
 
-def test_too_few_replies_keep_previous_weights() -> None:
+@pytest.mark.faults
+def test_too_few_replies_are_retried_then_stop_the_run(tmp_path: Path) -> None:
     grid = FakeGrid({1: site("a", {"w": np.ones(2), "b": np.ones((1, 2))}, 1, 0.5),
                      2: lambda msg: None})
-    cfg = config()
-    state = run_round(grid, build_strategy(cfg), cfg,
-                      FederationState(0, initial(), MetricsHistory({})))
-    assert not state.history.rounds[0].aggregated
-    np.testing.assert_array_equal(state.weights["w"], np.zeros(2))
+    cfg = config(**{"round-timeout": 30.0, "round-retries": 2})
+    folder = RunFolder(tmp_path)
+    with pytest.raises(NotEnoughSitesError) as err:
+        run_federation(grid, cfg, initial(), folder, reporter=_Silent(),  # type: ignore[arg-type]
+                       clock=grid.clock)
+    message = str(err.value)
+    assert message.startswith("round 1: in 3 attempts, fewer than min-train-nodes (2) sites "
+                              "sent weights within round-timeout (30 s); in the last, 1 of the "
+                              "2 sites asked did")
+    assert "round-retries" in message and "min-train-nodes" in message
+    # Three attempts, each to both sites and each ended by its deadline; no evaluation.
+    assert [m.metadata.message_type for m in grid.sent] == ["train"] * 6
+    assert grid.time.now == 90.0
+    (failed,) = MetricsHistory.read(folder.metrics_json).rounds
+    assert (failed.retries, failed.aggregated) == (2, False)
+    assert {s.site: s.error for s in failed.sites} == {
+        "a": None, "node-2": "train: no reply within round-timeout"}
+    assert not folder.final_model.exists() and not folder.checkpoint(1).exists()
 
 
+@pytest.mark.faults
 def test_waiting_for_sites_ends_with_a_clear_error() -> None:
     clock = iter(range(100))
     with pytest.raises(NotEnoughSitesError, match="only 1 of the 3 required sites"):
@@ -239,6 +259,7 @@ def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> N
     assert RunFiles(tmp_path / "run-42").plan_json.is_file()
 
 
+@pytest.mark.faults
 def test_malformed_reply_is_recorded_and_left_out() -> None:
     def bad_loss(msg: Message) -> Message:
         reply = site("b", {"w": np.full(2, 100.0), "b": np.ones((1, 2))}, 5, 0.5)(msg)

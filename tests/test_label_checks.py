@@ -14,6 +14,8 @@ from client.data_contract import discover_cases, load_case
 from fedseg.cli import EXIT_BAD_INPUT, main
 from shared.errors import DataError
 
+pytestmark = pytest.mark.faults
+
 SIZE = 48
 
 

@@ -15,6 +15,8 @@ from shared.config import ModelSpec
 from shared.networks import build_network
 from shared.weights import state_to_numpy
 
+pytestmark = pytest.mark.faults
+
 SPEC = ModelSpec(channels=(8, 16), patch_size=(16, 16))
 
 

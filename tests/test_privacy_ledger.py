@@ -80,6 +80,7 @@ def test_valid_ledger_reads_back_exactly(tmp_path: Path) -> None:
     assert PrivacyLedger.load(tmp_path).rounds[0]["epsilon"] == float("inf")
 
 
+@pytest.mark.faults
 def test_negative_steps_stop_the_site_instead_of_being_dropped(tmp_path: Path) -> None:
     raw = valid_ledger(tmp_path)
     raw["history"][1][2] = raw["rounds"][1]["steps"] = -2
@@ -96,6 +97,7 @@ def test_negative_steps_stop_the_site_instead_of_being_dropped(tmp_path: Path) -
     ("{not json", "not valid JSON (Expecting property name"),
     ("", "not valid JSON (Expecting value at line 1 column 1)"),
 ])
+@pytest.mark.faults
 def test_a_file_that_is_not_a_ledger_object_is_damaged(tmp_path: Path, text: str,
                                                          problem: str) -> None:
     (tmp_path / FILE_NAME).write_text(text)
@@ -147,6 +149,7 @@ def edit(raw: dict[str, Any], path: str, value: object) -> None:
     ({"calibrated_noise": 0}, "'calibrated_noise' is 0.0, must be finite and above 0"),
     ({"calibrated_noise": "high"}, "'calibrated_noise' is a string ('high'), not a number"),
 ])
+@pytest.mark.faults
 def test_every_malformed_entry_is_damage(tmp_path: Path, edits: dict[str, object],
                                          problem: str) -> None:
     raw = valid_ledger(tmp_path)
@@ -156,16 +159,19 @@ def test_every_malformed_entry_is_damage(tmp_path: Path, edits: dict[str, object
     assert_damaged(tmp_path, problem)
 
 
+@pytest.mark.faults
 def test_a_directory_in_place_of_the_ledger_is_damage(tmp_path: Path) -> None:
     (tmp_path / FILE_NAME).mkdir()
     assert_damaged(tmp_path, "is a directory, not a file")
 
 
+@pytest.mark.faults
 def test_a_dangling_link_is_damage_not_a_new_site(tmp_path: Path) -> None:
     (tmp_path / FILE_NAME).symlink_to(tmp_path / "backup" / FILE_NAME)
     assert_damaged(tmp_path, "is a symbolic link to a missing file")
 
 
+@pytest.mark.faults
 def test_unreadable_or_binary_ledger_is_damage(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / FILE_NAME).write_bytes(b"\xff\xfe{}")
@@ -181,6 +187,7 @@ def test_unreadable_or_binary_ledger_is_damage(tmp_path: Path,
         PrivacyLedger.load(tmp_path)
 
 
+@pytest.mark.faults
 def test_dp_round_on_a_damaged_ledger_stops_and_leaves_it_alone(site_data: Path,
                                                                 tmp_path: Path) -> None:
     raw = valid_ledger(tmp_path)
@@ -216,6 +223,7 @@ def _dp_round_in_process(data: str, state: str, server_round: int,
     results.put((server_round, result.epsilon, result.steps))
 
 
+@pytest.mark.faults
 def test_two_rounds_at_once_both_count(site_data: Path, tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
@@ -242,6 +250,7 @@ def test_two_rounds_at_once_both_count(site_data: Path, tmp_path: Path) -> None:
                                      rel=1e-12)
 
 
+@pytest.mark.faults
 def test_threads_of_one_process_also_wait_for_each_other(tmp_path: Path) -> None:
     def one_round(server_round: int) -> None:
         with PrivacyLedger.locked(tmp_path) as ledger:
@@ -260,6 +269,7 @@ def test_threads_of_one_process_also_wait_for_each_other(tmp_path: Path) -> None
     assert ledger.rounds[-1]["epsilon"] == pytest.approx(ledger.epsilon(1e-5, "rdp"))
 
 
+@pytest.mark.faults
 def test_a_held_lock_times_out_with_one_line_and_is_freed_by_errors(tmp_path: Path) -> None:
     with PrivacyLedger.locked(tmp_path):
         started = time.monotonic()
@@ -299,6 +309,7 @@ def damage_negative_steps(state: Path) -> None:
     (lambda s: (s / LAYERS_FILE).write_bytes(b"not torch"), "damaged local layers: cannot be"),
     (lambda s: (s / LAYERS_FILE).mkdir(), "damaged local layers: not a file"),
 ])
+@pytest.mark.faults
 def test_site_check_config_stops_on_a_damaged_state_dir(
         site_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         damage: Any, problem: str) -> None:

@@ -75,6 +75,7 @@ def weights_of(path: Path) -> dict[str, np.ndarray]:
     return Checkpoint.load(path).weights
 
 
+@pytest.mark.faults
 def test_fedadam_killed_after_round_2_resumes_to_the_uninterrupted_weights(
         tmp_path: Path) -> None:
     settings = {"strategy": "fedadam", "num-server-rounds": 4}
@@ -113,6 +114,7 @@ def test_fedadam_killed_after_round_2_resumes_to_the_uninterrupted_weights(
     assert ResumeState.load(folder.path).server_round == 4
 
 
+@pytest.mark.faults
 def test_moments_are_lost_without_the_resume_state(tmp_path: Path) -> None:
     # The control for the test above: the same resume with the strategy's state dropped
     # ends elsewhere, so the equality there is the saved moments' doing.
@@ -170,6 +172,7 @@ def test_fresh_run_when_resume_from_is_empty() -> None:
     assert resume_point({}) is None
 
 
+@pytest.mark.faults
 def test_missing_folder_and_missing_state_are_refused(tmp_path: Path) -> None:
     gone = tmp_path / "gone"
     assert refusal({"resume-from": str(gone)}) == (
@@ -180,6 +183,7 @@ def test_missing_folder_and_missing_state_are_refused(tmp_path: Path) -> None:
         "not a fedseg run folder); leave resume-from empty to start a fresh run")
 
 
+@pytest.mark.faults
 def test_damaged_state_is_refused(tmp_path: Path) -> None:
     folder = RunFolder(saved_run(tmp_path))
     data = folder.resume_state.read_bytes()
@@ -264,6 +268,7 @@ TINY = {"num_sites": 2, "cases_per_site": 5, "synthetic_size": 32,
 
 
 @pytest.mark.e2e
+@pytest.mark.faults
 def test_simulation_killed_after_round_2_resumes_to_identical_weights(tmp_path: Path) -> None:
     import contextlib
     import json

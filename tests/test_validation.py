@@ -61,6 +61,7 @@ def _round(responders: dict[int, object], **kw: object) -> tuple[object, object]
     return state, state.history.rounds[-1]
 
 
+@pytest.mark.faults
 def test_hostile_updates_are_rejected_and_the_others_aggregate_as_without_them() -> None:
     from tests.test_federation import site
 
@@ -84,6 +85,7 @@ def test_hostile_updates_are_rejected_and_the_others_aggregate_as_without_them()
                                "expected (2,))")
 
 
+@pytest.mark.faults
 def test_an_exploding_server_step_keeps_the_previous_model() -> None:
     from tests.test_federation import initial, site
 
