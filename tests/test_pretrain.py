@@ -56,7 +56,7 @@ def test_lung_phantoms_are_two_lung_fields_darker_than_the_thorax() -> None:
     for case in range(4):
         image, label = lung_phantom(np.random.default_rng([0, case]))
         assert image.shape == label.shape == (LUNG_SIDE, LUNG_SIDE)
-        assert image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0
+        assert image.dtype == np.float32 and image.min() >= 0.0 and image.max() <= 1.0
         regions, count = ndimage.label(label)
         sizes = np.bincount(regions.ravel())[1:]
         assert count == 2 and sizes.min() > 0.05 * label.size
