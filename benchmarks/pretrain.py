@@ -53,8 +53,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 #: Phantoms drawn and optimiser steps taken by default: about 5-8 CPU-minutes each.
 DEFAULTS: dict[str, dict[str, int]] = {
-    "lung": {"cases": 160, "steps": 300, "batch": 8},
-    "vessel": {"cases": 40, "steps": 1200, "batch": 8},
+    "lung": {"cases": 160, "steps": 240, "batch": 8},
+    "vessel": {"cases": 40, "steps": 900, "batch": 8},
 }
 
 

@@ -95,7 +95,9 @@ def lung_phantom(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     shape = (side, side)
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
     # Patient size and position: scale about the image centre, shift, slight tilt.
-    scale = rng.uniform(0.85, 1.1, size=2)
+    # Patient size relative to the film varies a lot: small patients leave wide air.
+    scale = np.array([rng.uniform(0.7, 1.1), 0.0])
+    scale[1] = scale[0] * rng.uniform(0.9, 1.1)
     shift = rng.uniform(-0.05, 0.05, size=2) + np.array([0.0, rng.uniform(-0.02, 0.06)])
     tilt = rng.uniform(-0.06, 0.06)
     rotation = np.array([[math.cos(tilt), -math.sin(tilt)], [math.sin(tilt), math.cos(tilt)]])
@@ -121,14 +123,22 @@ def lung_phantom(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     lungs = np.clip(right_cover + left_cover, 0.0, 1.0) * (1.0 - heart)
     label = (lungs >= 0.5).astype(np.uint8)
 
-    # Body: soft tissue everywhere but the air beside the shoulders and neck.
-    body_half_width = 0.47 * scale[0] + 0.06 * np.clip(yy - 0.2, 0, None)
-    body = np.clip((body_half_width - np.abs(xx - 0.5 - shift[0])) * 25.0, 0.0, 1.0)
-    body = np.maximum(body, ((yy > 0.08 + shift[1]) & (np.abs(xx - 0.5) < 0.16)).astype(
-        np.float32))
+    # Body: the chest wall just outside the lungs, the neck above, dark air around
+    # (large and black on some films: air is as dark as the lungs, but not lung).
+    across = np.abs(xx - 0.5 - shift[0])
+    wall = rng.uniform(0.42, 0.48) * scale[0] + rng.uniform(0.0, 0.08) * np.clip(yy - 0.3, 0,
+                                                                               None)
+    shoulders = np.clip((yy - (0.1 + shift[1])) * 12.0, 0.0, 1.0)
+    body = np.clip((wall - across) * 40.0, 0.0, 1.0) * shoulders
+    body = np.maximum(body, np.clip((0.1 - across) * 40.0, 0.0, 1.0) * (yy > 0.02))
+    for sign in (-1.0, 1.0):  # arms beside the chest on some films
+        if rng.random() < 0.5:
+            arm = np.abs(sign * (xx - 0.5 - shift[0]) - wall - rng.uniform(0.05, 0.08))
+            body = np.maximum(body, np.clip((0.04 - arm) * 40.0, 0.0, 1.0)
+                              * (yy > rng.uniform(0.05, 0.2)) * rng.uniform(0.5, 0.9))
     body = ndimage.gaussian_filter(body, 3.0)
     tissue = rng.uniform(0.55, 0.7) + 0.05 * _smooth_noise(rng, shape, 12.0)
-    image = rng.uniform(0.02, 0.15) + body * (tissue - 0.05)
+    image = rng.uniform(0.0, 0.12) + body * (tissue - 0.05)
     # Lung fields are dark: less tissue in the beam, brighter towards the base.
     depth = rng.uniform(0.3, 0.45) * (1.0 - 0.35 * np.clip((yy - 0.3) / 0.5, 0.0, 1.0))
     soft_lungs = ndimage.gaussian_filter(lungs, rng.uniform(1.0, 2.5))
@@ -159,6 +169,16 @@ def lung_phantom(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         clavicle = _band(lateral, yy, lambda x: 0.11 + shift[1] - 0.08 * x, 0.014)
         image += 0.12 * clavicle * (lateral < 0.3) * (lateral > 0.03)
     image += 0.05 * heart
+    # Collimation: black bands at the film's edges; bright burnt-in text markers.
+    if rng.random() < 0.6:
+        image[yy > rng.uniform(0.82, 0.97)] = rng.uniform(0.0, 0.03)
+    for edge in (xx < rng.uniform(0.0, 0.08), xx > rng.uniform(0.92, 1.0)):
+        if rng.random() < 0.4:
+            image[edge] = rng.uniform(0.0, 0.03)
+    for _ in range(rng.integers(0, 3)):
+        x0, y0 = rng.uniform(0.02, 0.85), rng.uniform(0.01, 0.12)
+        image[(xx > x0) & (xx < x0 + rng.uniform(0.03, 0.12)) & (yy > y0)
+              & (yy < y0 + rng.uniform(0.02, 0.05))] = rng.uniform(0.8, 1.0)
     # Scanner: contrast curve, blur, noise.
     image = np.clip(image, 0.0, 1.0) ** rng.uniform(0.7, 1.4)
     image = ndimage.gaussian_filter(image, rng.uniform(0.3, 1.2))
@@ -194,12 +214,12 @@ def _vessel_tree(rng: np.random.Generator, disc: np.ndarray, macula: np.ndarray,
     for i, angle in enumerate(starts):
         for _ in range(2):  # an artery and a vein side by side
             stack.append(_Branch(disc[0], disc[1], angle + rng.normal(0, 0.15),
-                                 rng.uniform(6.0, 9.0) if i < 2 else rng.uniform(4.5, 7.0),
+                                 rng.uniform(5.0, 8.0) if i < 2 else rng.uniform(4.0, 6.0),
                                  0.0, to_macula if i < 2 else to_macula + math.pi))
     step = 3.0
-    while stack and len(segments) < 15000:
+    while stack and len(segments) < 25000:
         b = stack.pop()
-        while b.width >= 0.9:
+        while b.width >= 0.7:
             # Vessels run away from the disc and bend around the macula, so the
             # temporal arcades arch above and below it and never cross it.
             outward = math.atan2(b.y - disc[1], b.x - disc[0])
@@ -215,9 +235,9 @@ def _vessel_tree(rng: np.random.Generator, disc: np.ndarray, macula: np.ndarray,
                 break
             segments.append(((b.x * scale, b.y * scale), (nx * scale, ny * scale), b.width))
             b.x, b.y, b.length = nx, ny, b.length + step
-            b.width *= 0.9985
-            if b.length > rng.uniform(30, 70) and rng.random() < 0.04:
-                child = b.width * rng.uniform(0.55, 0.8)
+            b.width *= 0.997
+            if b.length > rng.uniform(15, 45) and rng.random() < 0.06:
+                child = b.width * rng.uniform(0.35, 0.75)
                 side = 1.0 if rng.random() < 0.5 else -1.0
                 stack.append(_Branch(b.x, b.y, b.angle + side * rng.uniform(0.5, 1.1),
                                      child, 0.0, b.angle + side * 0.8))
@@ -245,7 +265,7 @@ def vessel_phantom(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     centre = np.array([side / 2, side / 2]) + rng.uniform(-8, 8, size=2)
     radius = side * rng.uniform(0.44, 0.49)
     dist = np.hypot(xx - centre[0], yy - centre[1]) / radius
-    fov = np.clip((1.0 - dist) * radius / 1.5, 0.0, 1.0)
+    fov = np.clip((1.0 - dist) * radius / rng.uniform(0.5, 2.0), 0.0, 1.0)
     eye = 1.0 if rng.random() < 0.5 else -1.0  # left or right eye: disc on either side
     disc = centre + np.array([eye * radius * rng.uniform(0.3, 0.42), rng.uniform(-0.08, 0.08)
                               * radius])
@@ -267,8 +287,12 @@ def vessel_phantom(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
     # Fundus: orange-red, darker towards the rim, a bright disc and a dark macula.
     base = np.array([rng.uniform(0.65, 0.95), rng.uniform(0.28, 0.5), rng.uniform(0.05, 0.2)])
-    shade = (1.0 - rng.uniform(0.2, 0.45) * dist ** 2 + 0.025 * _smooth_noise(rng, shape, 30.0)
-             + 0.015 * _smooth_noise(rng, shape, 2.0))
+    # Vignetting, a darker rim, uneven illumination and fine choroidal texture.
+    shade = (1.0 - rng.uniform(0.1, 0.45) * dist ** 2 - rng.uniform(0.1, 0.5) * dist ** 12
+             + rng.uniform(0.0, 0.15) * ((xx - centre[0]) * rng.normal() + (yy - centre[1])
+                                         * rng.normal()) / radius
+             + rng.uniform(0.01, 0.04) * _smooth_noise(rng, shape, 30.0)
+             + rng.uniform(0.005, 0.025) * _smooth_noise(rng, shape, 1.5))
     image = base[None, None, :] * shade[..., None]
     disc_radius = radius * rng.uniform(0.09, 0.13)
     disc_glow = np.exp(-(np.hypot(xx - disc[0], yy - disc[1]) / disc_radius) ** 4)
@@ -283,13 +307,17 @@ def vessel_phantom(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         tint = (np.array([0.3, 0.3, 0.05]) if rng.random() < 0.5
                 else -np.array([0.3, 0.25, 0.05]))
         image += spot[..., None] * tint
-    # Vessels absorb most in green; veins darker than arteries (one contrast per eye).
-    contrast = np.array([rng.uniform(0.2, 0.4), rng.uniform(0.45, 0.7), rng.uniform(0.3, 0.5)])
+    # Vessels absorb most in green; contrast varies from eye to eye and camera to camera.
+    contrast = np.array([rng.uniform(0.03, 0.18), rng.uniform(0.12, 0.42),
+                         rng.uniform(0.05, 0.3)])
     soft = ndimage.gaussian_filter(coverage, 0.6)
     image *= 1.0 - contrast[None, None, :] * soft[..., None]
     image = ndimage.gaussian_filter(image, (rng.uniform(0.4, 1.2),) * 2 + (0,))
     image += rng.uniform(0.005, 0.025) * rng.standard_normal(image.shape)
     image *= fov[..., None]
+    # The frame is not exactly black: a camera's dark level, noise and compression.
+    frame = rng.uniform(0.0, 0.04) + rng.uniform(0.0, 0.015) * rng.standard_normal(shape)
+    image += ((1.0 - fov) * np.clip(frame, 0.0, None))[..., None]
     image = np.clip(image, 0.0, 1.0) ** rng.uniform(0.8, 1.25)
     return image.astype(np.float32), label
 

@@ -72,12 +72,12 @@ def test_lung_phantoms_are_two_lung_fields_darker_than_the_thorax() -> None:
 def test_vessel_phantoms_are_thin_trees_in_a_dark_frame() -> None:
     image, label = vessel_phantom(np.random.default_rng([0, 0]))
     assert image.shape == (VESSEL_SIDE, VESSEL_SIDE, 3) and label.shape == image.shape[:2]
-    assert image[:8, :8].max() == 0.0 and label[:8, :8].max() == 0  # the black frame
+    assert image[:8, :8].max() < 0.1 and label[:8, :8].max() == 0  # the dark frame
     fov = image.mean(axis=-1) > 0.03
     assert 0.03 < label[fov].mean() < 0.15
     # Thin: the widest vessel is a few pixels, most are one or two.
     depth = ndimage.distance_transform_edt(label)
-    assert depth.max() <= 6.0 and np.median(depth[label == 1]) <= 1.5
+    assert depth.max() <= 8.0 and np.median(depth[label == 1]) <= 1.5
     # Darker than the fundus around them, relatively most in green.
     near = ndimage.binary_dilation(label, iterations=3) & ~label.astype(bool) & fov
     vessel, background = image[label == 1].mean(axis=0), image[near].mean(axis=0)
