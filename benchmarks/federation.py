@@ -130,7 +130,8 @@ def centralised(folders: Sequence[Path], config: RunConfig, pooled: bool,
         for rnd in range(1, config.num_server_rounds + 1):
             plan = replace(config.plan(rnd), local_steps=config.training.local_steps * len(sites))
             result = learner.train(weights, plan)
-            weights, taken = result.weights, taken + result.steps
+            # A reply holds only the dp-trainable group; the rest keeps its values.
+            weights, taken = {**weights, **result.weights}, taken + result.steps
             per_round.append({t.site.site_name: t.evaluate(weights).dice for t in trainers})
         steps = {POOLED: taken}
         models.append((POOLED, partial(learner.predict, weights)))
@@ -142,7 +143,8 @@ def centralised(folders: Sequence[Path], config: RunConfig, pooled: bool,
             for t in trainers:
                 name = t.site.site_name
                 result = t.train(own[name], config.plan(rnd))
-                own[name], steps[name] = result.weights, steps[name] + result.steps
+                own[name] = {**own[name], **result.weights}
+                steps[name] += result.steps
                 scores[name] = t.evaluate(own[name]).dice
             per_round.append(scores)
         # Each site's own model is one column: how far a model trained alone travels.

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from threading import Lock
 
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -102,22 +102,23 @@ def clip_update_mod(msg: Message, context: Context, call_next: ClientAppCallable
     """Apply Flower's ``fixedclipping_mod`` when the server asks for client-side clipping.
 
     A refused round carries no weights to clip, so its explicit refusal is passed
-    through instead of being turned into an error by the mod.
+    through instead of being turned into an error by the mod. With a ``dp-trainable``
+    group the reply holds only the parameters the site trained; the update is then
+    clipped against the global values of those same parameters (the others did not
+    move), since Flower's mod needs the same names on both sides.
     """
     config = msg.content.config_records.get(p.CONFIG)
     if config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
-    seen: list[Message] = []
-
-    def inner(m: Message, c: Context) -> Message:
-        out = call_next(m, c)
-        seen.append(out)
-        return out
-
-    out = fixedclipping_mod(msg, context, inner)
-    if seen and not seen[0].has_error() and not seen[0].content.array_records:
-        return seen[0]
-    return out
+    reply = call_next(msg, context)
+    if reply.has_error() or p.ARRAYS not in reply.content.array_records:
+        return reply
+    sent = reply.content.array_records[p.ARRAYS]
+    received = msg.content.array_records[p.ARRAYS]
+    if list(sent.keys()) != list(received.keys()):
+        # Training is done with the message; the mod reads only its reference values.
+        msg.content[p.ARRAYS] = ArrayRecord({k: received[k] for k in sent})
+    return fixedclipping_mod(msg, context, lambda m, c: reply)
 
 
 def transfer_dtype_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

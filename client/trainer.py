@@ -34,6 +34,7 @@ from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
 from shared.privacy import PrivacySettings
 from shared.schedule import learning_rate
+from shared.trainable import trainable_names
 from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -70,7 +71,8 @@ class TrainResult:
     Attributes
     ----------
     weights : dict of numpy.ndarray
-        Updated weights; empty when the round was refused.
+        What leaves the site: the updated shared weights of the round's dp-trainable
+        group; empty when the round was refused.
     num_examples : int
         Training cases at this site.
     train_loss : float
@@ -125,6 +127,8 @@ class SiteTrainer:
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self._dataset: PatchDataset | None = None
         self.local_names = local_parameter_names(self.net, spec.adaptation)
+        # What the last round trained (dp-trainable); None: every parameter.
+        self._trained: frozenset[str] | None = None
         if self.local_names:
             _, local = split_weights(state_to_numpy(self.net.state_dict()), self.local_names)
             saved = load_local_layers(site.state_dir, spec.adaptation,
@@ -146,6 +150,20 @@ class SiteTrainer:
     def weights(self) -> NDArrays:
         """Return the shared weights: the only ones that may leave the site."""
         return split_weights(state_to_numpy(self.net.state_dict()), self.local_names)[0]
+
+    def sent_weights(self) -> NDArrays:
+        """Return what leaves the site after a round: the shared parameters it trained."""
+        shared = self.weights()
+        if self._trained is None:
+            return shared
+        return {k: v for k, v in shared.items() if k in self._trained}
+
+    def _set_trainable(self, mode: str) -> None:
+        """Let only ``mode``'s parameters train; the others keep their values bit for bit."""
+        names = trainable_names(self.net, self.spec.network, mode)
+        for name, param in self.net.named_parameters():
+            param.requires_grad_(name in names)
+        self._trained = None if mode == "all" else names
 
     def local_weights(self) -> NDArrays:
         """Return the site-local weights (domain-adaptation layers)."""
@@ -196,6 +214,7 @@ class SiteTrainer:
             number of steps taken.
         """
         self.load_weights(global_weights)
+        self._set_trainable(plan.trainable)
         seed = _mix_seed(plan.seed, self.site.seed, plan.server_round)
         torch.manual_seed(seed)
         dataset = self._patches(seed)
@@ -204,7 +223,7 @@ class SiteTrainer:
         if privacy is not None:
             return self._train_private(loader, plan, privacy)
         anchor = {n: p.detach().clone() for n, p in self.net.named_parameters()}
-        optimiser = _optimiser(self.net.parameters(), plan)
+        optimiser = _optimiser(_trained(self.net), plan)
         use_amp = self.site.amp and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.net.train()
@@ -233,7 +252,7 @@ class SiteTrainer:
             losses.append(float(loss.detach()))
         self._save_local()
         return TrainResult(
-            weights=self.weights(),
+            weights=self.sent_weights(),
             num_examples=self.num_train_cases,
             train_loss=float(np.mean(losses)),
             steps=len(losses),
@@ -262,7 +281,7 @@ class SiteTrainer:
                 # Calibrated once and kept, so later rounds cannot drift to less noise.
                 ledger.calibrated_noise = calibrate_noise(
                     privacy.target_epsilon, privacy.delta, rate,
-                    steps * privacy.planned_rounds, privacy.accountant)
+                    steps * (privacy.planned_rounds or plan.num_rounds), privacy.accountant)
                 ledger.save()
             noise = ledger.calibrated_noise
         spent = ledger.epsilon(privacy.delta, privacy.accountant)
@@ -278,7 +297,7 @@ class SiteTrainer:
         # parameter names are the same with and without DP.
         net = copy.deepcopy(self.net)
         net.train()
-        optimiser = _optimiser(net.parameters(), plan)
+        optimiser = _optimiser(_trained(net), plan)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns about secure RNG on every call
             engine = PrivacyEngine(accountant=privacy.accountant)
@@ -306,7 +325,7 @@ class SiteTrainer:
         self.net.load_state_dict(net.state_dict())
         self._save_local()
         return TrainResult(
-            weights=self.weights(), num_examples=self.num_train_cases,
+            weights=self.sent_weights(), num_examples=self.num_train_cases,
             train_loss=float(np.mean(losses)) if losses else float("nan"), steps=taken,
             epsilon=epsilon, delta=privacy.delta,
         )
@@ -325,6 +344,11 @@ class SiteTrainer:
         """Return the class map of one channel-first, normalised image."""
         self.load_weights(weights)
         return predict_classes(self.net, image, Tiling.of(self.spec), self.device)
+
+
+def _trained(net: torch.nn.Module) -> list[torch.nn.Parameter]:
+    # Frozen parameters stay out of the optimiser: AdamW's weight decay must not move them.
+    return [p for p in net.parameters() if p.requires_grad]
 
 
 def _optimiser(params: Iterable[torch.nn.Parameter], plan: TrainPlan) -> torch.optim.Optimizer:

@@ -58,18 +58,22 @@ def _simulate(args: argparse.Namespace) -> int:
     from server.history import MetricsHistory
     from server.report import format_summary
     from shared.run_files import RunFiles
-    from simulations.simulate import SimulationRequest, run_simulation
+    from simulations.simulate import SimulationRequest, read_site_settings, run_simulation
 
     if args.resume is not None and args.data is not None:
         raise FedsegError("fedseg simulate: --resume continues on the sites the run recorded; "
                           "drop --data")
+    if args.resume is not None and args.site_config is not None:
+        raise FedsegError("fedseg simulate: --resume keeps the site settings the run recorded; "
+                          "drop --site-config")
+    site_settings = read_site_settings(args.site_config) if args.site_config else {}
     overrides = _parse_overrides(args.run_config)
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
     request = SimulationRequest(
         data=args.data, num_sites=args.sites, output=args.output, overrides=overrides,
         synthetic_dims=args.dims, cases_per_site=args.cases, synthetic_size=args.size,
-        seed=args.seed, resume=args.resume,
+        seed=args.seed, resume=args.resume, site_settings=site_settings,
     )
     outcome = run_simulation(request)
     history = MetricsHistory.read(outcome.metrics_json)
@@ -262,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     sim.add_argument("--run-config", action="append", default=None, metavar="'KEY=VALUE ...'",
                      help="run-config overrides, same syntax as flwr run --run-config")
+    sim.add_argument("--site-config", type=Path, default=None, metavar="FILE",
+                     help="a .toml file of node-config keys every simulated site takes, as a "
+                          "hospital's site.toml (e.g. dp-enabled = true, dp-target-epsilon = 8, "
+                          "dp-max-epsilon = 8); data-path, site-name, state-dir and seed are "
+                          "set per site")
     sim.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue the simulation in RUN_DIR (e.g. after a crash) at its next "
                           "round, on the sites and settings it recorded; --rounds N above its "

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.config import RunConfig
 from server.federation import Reporter, RunFolder, run_federation
+from server.initial_model import load_initial_model, sha256
 from server.planning import planned_run_config
 from server.report import LineReporter
 from server.resume import resume_point
@@ -29,11 +30,18 @@ def _flower_log(line: str) -> None:
 
 
 def initial_weights(config: RunConfig) -> NDArrays:
-    """Return the seeded initial shared weights for ``config``'s model (no site-local layers)."""
+    """Return the shared weights before round 1 for ``config``'s model (no site-local layers).
+
+    The run config's ``initial-model`` when set (checked against the model), else
+    weights seeded from ``seed``.
+    """
     seed_everything(config.training.seed)
     net = build_network(config.model)
-    shared, _ = split_weights(state_to_numpy(net.state_dict()),
-                              local_parameter_names(net, config.model.adaptation))
+    local = local_parameter_names(net, config.model.adaptation)
+    shared, _ = split_weights(state_to_numpy(net.state_dict()), local)
+    if config.initial_model:
+        return load_initial_model(Path(config.initial_model).expanduser(), config.model,
+                                  shared, local)
     return shared
 
 
@@ -86,9 +94,17 @@ def make_server_app(config: RunConfig | None = None, run_dir: Path | None = None
                                else cfg.output_dir / f"run-{context.run_id}")
         if plan is not None:
             folder.save_plan(plan)
-        run_federation(grid, cfg, point.state.weights if point else initial_weights(cfg), folder,
-                       reporter or LineReporter(_flower_log),
-                       resumed=point.state if point else None)
+        weights = point.state.weights if point else initial_weights(cfg)
+        notes: dict[str, object] = {}
+        if point is None and cfg.initial_model:
+            # Recorded with the run: which file, bit for bit, every site started from.
+            start = Path(cfg.initial_model).expanduser()
+            notes["initial_model_sha256"] = sha256(start)
+            echo(f"initial-model: round 1 starts from {start} (sha256 "
+                 f"{str(notes['initial_model_sha256'])[:16]}...); sites train dp-trainable "
+                 f"'{cfg.training.trainable}'")
+        run_federation(grid, cfg, weights, folder, reporter or LineReporter(_flower_log),
+                       resumed=point.state if point else None, notes=notes)
         flwr_log(INFO, "fedseg: final model written to %s", folder.final_model)
 
     return app

@@ -30,6 +30,7 @@ from shared.settings import (
     section,
     text,
 )
+from shared.trainable import shared_trainable_names
 from shared.weights import TRANSFER_DTYPES
 
 
@@ -82,6 +83,9 @@ class RunConfig:
                                      "kept", minimum=1.0, exclusive_minimum=True)
     model: ModelSpec = section(ModelSpec)
     training: TrainPlan = section(TrainPlan)
+    initial_model: str = text("initial-model", "", "the global model before round 1: a fedseg "
+                              "checkpoint or a PyTorch state_dict file on the server's machine "
+                              "(see Differential privacy); empty: seeded random weights")
     output_dir: Path = path("output-dir", Path("runs"), "where the ServerApp writes "
                             "`run-<run id>/`")
     resume_from: str = text("resume-from", "", "run folder to continue after its last finished "
@@ -103,6 +107,12 @@ class RunConfig:
                 f"({self.min_available_nodes}) must be at least min-train-nodes "
                 f"({self.min_train_nodes}) and min-evaluate-nodes ({self.min_evaluate_nodes})",
             )
+        mode = self.training.trainable
+        if mode != "all" and not shared_trainable_names(self.model, mode):
+            raise settings.SettingError(
+                TrainPlan, "trainable", f"'{mode}' leaves no shared parameter to train, as "
+                f"adaptation '{self.model.adaptation}' keeps all of them at the sites; choose "
+                "decoder, head or all, or another adaptation", RUN_CONFIG)
 
         if (self.central_dp == "client-side"
                 and TRANSFER_DTYPES[self.training.transfer_dtype] is not None):

@@ -42,6 +42,7 @@ from shared.checkpoint import Checkpoint
 from shared.errors import FedsegError
 from shared.planning import Plan
 from shared.run_files import RunFiles
+from shared.trainable import merge_trainable, shared_trainable_names
 from shared.weights import (
     TRANSFER_DTYPES,
     NDArrays,
@@ -228,6 +229,31 @@ def _reject_bad_updates(record: RoundRecord, replies: list[Message], reference: 
     return [msg for entry, msg, _ in checked if str(entry.node_id) not in outliers]
 
 
+def expected_names(config: RunConfig, weights: NDArrays) -> frozenset[str]:
+    """Return the parameter names every train reply must hold, no more and no fewer.
+
+    The shared parameters of the run's ``dp-trainable`` group; with ``all``, every
+    shared parameter of the global model.
+    """
+    if config.training.trainable == "all":
+        return frozenset(weights)
+    return shared_trainable_names(config.model, config.training.trainable)
+
+
+def _complete_updates(replies: list[Message], weights: NDArrays) -> None:
+    """Give each reply the global values of the parameters it did not train, in place.
+
+    Every strategy then sees whole models (FedAdam's server step and the central-DP
+    wrappers pair arrays with the global model's), and the frozen part of the
+    aggregate is put back to its exact global values afterwards.
+    """
+    for msg in replies:
+        update = from_record(msg.content.array_records[p.ARRAYS])
+        if len(update) < len(weights):
+            msg.content[p.ARRAYS] = to_record(merge_trainable(weights, update, update))
+
+
+
 def _on_the_wire(messages: list[Message], transfer: str) -> list[Message]:
     """Return ``messages`` with their weights in the run's transfer-dtype.
 
@@ -380,14 +406,20 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
             "config"
         )
 
-    ok = _reject_bad_updates(record, ok, state.weights, config)
+    trained = expected_names(config, state.weights)
+    ok = _reject_bad_updates(
+        record, ok, {k: v for k, v in state.weights.items() if k in trained}, config)
+    _complete_updates(ok, state.weights)
     weights = state.weights
     if len(ok) >= config.min_train_nodes:
         arrays, _ = strategy.aggregate_train(rnd, ok)
         if arrays is not None:
             # The server's model keeps its own dtypes (float32): FedAdam's step, for
             # one, comes back in float64, which every site's next update would then miss.
-            proposed = as_dtypes(from_record(arrays), state.weights)
+            # Parameters outside dp-trainable keep their global values bit for bit,
+            # whatever the strategy or its central-DP noise did to them.
+            proposed = as_dtypes(merge_trainable(state.weights, from_record(arrays), trained),
+                                 state.weights)
             problem = step_problem(state.weights, proposed, config.max_model_growth)
             if problem is None:
                 weights = proposed
@@ -421,7 +453,8 @@ def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
                    folder: RunFolder, reporter: Reporter,
                    strategy: Strategy | None = None,
                    resumed: ResumeState | None = None,
-                   clock: Clock = SYSTEM_CLOCK) -> FederationState:
+                   clock: Clock = SYSTEM_CLOCK,
+                   notes: Mapping[str, object] | None = None) -> FederationState:
     """Run all rounds, writing a checkpoint, the history and the resume state after each one.
 
     Parameters
@@ -442,6 +475,9 @@ def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
         A saved run to continue after its last round (``initial_weights`` then unused).
     clock : Clock
         Time source and sleep of the round deadlines (scripted in tests).
+    notes : Mapping, optional
+        Facts about the run's inputs recorded beside its run config in the history
+        (the starting model's SHA-256).
 
     Returns
     -------
@@ -449,10 +485,12 @@ def run_federation(grid: Grid, config: RunConfig, initial_weights: NDArrays,
         The final state; the final model is at ``folder.final_model``.
     """
     strategy = strategy if strategy is not None else build_strategy(config)
-    state = FederationState(0, initial_weights, MetricsHistory(run_config=config.to_dict()))
+    run_config = {**config.to_dict(), **(notes or {})}
+    state = FederationState(0, initial_weights, MetricsHistory(run_config=run_config))
     if resumed is not None:
+        run_config = {**resumed.history.run_config, **config.to_dict()}
         state = FederationState(resumed.server_round, resumed.weights, MetricsHistory(
-            run_config=config.to_dict(), rounds=resumed.history.rounds))
+            run_config=run_config, rounds=resumed.history.rounds))
         resumed.restore(strategy)
     while state.server_round < config.num_server_rounds:
         try:

@@ -38,6 +38,7 @@ from shared.settings import (
     parse,
     to_wire,
 )
+from shared.trainable import TRAINABLE
 from shared.weights import TRANSFER_DTYPES
 
 
@@ -160,6 +161,10 @@ class TrainPlan:
     weight_decay: float = number("weight-decay", 0.0, "Decoupled weight decay of the local "
                                  "optimiser (AdamW); 0 disables it", minimum=0.0,
                                  wire="weight-decay")
+    trainable: str = choice("dp-trainable", "all", "parameter groups every site trains and "
+                            "sends, with or without DP; the others keep the global (starting) "
+                            "values (see Differential privacy)", choices=TRAINABLE,
+                            wire="dp-trainable")
     proximal_mu: float = number(None, 0.0, "FedProx coefficient for this round; 0 disables the "
                                 "proximal term", minimum=0.0, wire="proximal-mu")
     seed: int = integer("seed", 0, "seed of the initial weights; sites mix in the round number "

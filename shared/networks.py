@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from monai.networks.layers import SkipConnection
 from monai.networks.nets import BasicUNet, SegResNet, UNet
 from torch import nn
 
@@ -63,10 +64,14 @@ class NetworkType:
         Shown when ``channels`` has too few values.
     normalises_output : bool
         Its last up-sampling output, ``num_classes`` wide, is normalised too.
+    decoder : callable
+        ``built network -> modules`` of its up path, output layer included, in
+        forward order; ``dp-trainable`` (:mod:`shared.trainable`) trains these alone.
     """
 
     build: Callable[[NetworkSpec, NormArg], nn.Module]
     downsampling: Callable[[int], int]
+    decoder: Callable[[nn.Module], list[nn.Module]]
     min_levels: int = 1
     channels_hint: str = ""
     normalises_output: bool = False
@@ -88,13 +93,39 @@ def _segresnet(spec: NetworkSpec, norm: NormArg) -> nn.Module:
                      out_channels=spec.num_classes, init_filters=spec.channels[0], norm=norm)
 
 
+def _unet_decoder(net: nn.Module) -> list[nn.Module]:
+    # MONAI's UNet nests Sequential(down, SkipConnection(inner), up) from the outside
+    # in; the up paths, innermost first, are its decoder and the outermost ends in
+    # the output convolution.
+    ups: list[nn.Module] = []
+    block = net.get_submodule("model")
+    while (isinstance(block, nn.Sequential) and len(block) == 3
+           and isinstance(block[1], SkipConnection)):
+        ups.insert(0, block[2])
+        block = block[1].submodule
+    return ups
+
+
+def _children(net: nn.Module, *names: str) -> list[nn.Module]:
+    return [net.get_submodule(name) for name in names]
+
+
+def _basicunet_decoder(net: nn.Module) -> list[nn.Module]:
+    return _children(net, "upcat_4", "upcat_3", "upcat_2", "upcat_1", "final_conv")
+
+
+def _segresnet_decoder(net: nn.Module) -> list[nn.Module]:
+    return _children(net, "up_samples", "up_layers", "conv_final")
+
+
 NETWORKS: Registry[NetworkType] = Registry("network", {
-    "unet": NetworkType(_unet, lambda levels: int(2 ** (levels - 1)), min_levels=2,
+    "unet": NetworkType(_unet, lambda levels: int(2 ** (levels - 1)), _unet_decoder,
+                        min_levels=2,
                         channels_hint="needs at least two levels, e.g. '16,32,64'",
                         normalises_output=True),
-    "basicunet": NetworkType(_basicunet, lambda levels: 16, min_levels=6,
+    "basicunet": NetworkType(_basicunet, lambda levels: 16, _basicunet_decoder, min_levels=6,
                              channels_hint="needs six values, e.g. '16,16,32,64,128,16'"),
-    "segresnet": NetworkType(_segresnet, lambda levels: 8),
+    "segresnet": NetworkType(_segresnet, lambda levels: 8, _segresnet_decoder),
 })
 
 NORMS: Registry[Callable[[NetworkSpec], NormArg]] = Registry("norm", {

@@ -60,7 +60,8 @@ class SitePrivacy:
     target_epsilon : float
         Epsilon to reach after ``planned_rounds`` when calibrating the noise.
     planned_rounds : int
-        Rounds the calibration spreads ``target_epsilon`` over.
+        Rounds the calibration spreads ``target_epsilon`` over; 0: the run's number of
+        rounds, from the round config.
     accountant : str
         ``rdp`` or ``prv``.
     """
@@ -82,17 +83,17 @@ class SitePrivacy:
     target_epsilon: float = number("dp-target-epsilon", 0.0, "epsilon to reach after "
                                    "dp-planned-rounds when calibrating the noise", minimum=0.0)
     planned_rounds: int = integer("dp-planned-rounds", 0, "rounds the calibration spreads "
-                                  "dp-target-epsilon over", minimum=0)
+                                  "dp-target-epsilon over; 0: the run's num-server-rounds",
+                                  minimum=0)
     accountant: Mechanism = choice("dp-accountant", "rdp", "privacy accountant",
                                    choices=MECHANISMS)
 
     def __post_init__(self) -> None:
         check(self)
-        if self.enabled and self.noise_multiplier == 0 and (
-                self.target_epsilon <= 0 or self.planned_rounds <= 0):
+        if self.enabled and self.noise_multiplier == 0 and self.target_epsilon <= 0:
             raise invalid(self, "noise_multiplier",
-                          "is 0 with DP enabled; set it, or set dp-target-epsilon and "
-                          "dp-planned-rounds to calibrate it")
+                          "is 0 with DP enabled; set it, or set dp-target-epsilon to calibrate "
+                          "it (over dp-planned-rounds, by default the run's rounds)")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from server.resume import ResumeError, resume_at
 from shared import settings
 from shared.atomic import write_text_atomic
 from shared.config import ModelSpec
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.run_files import RunFiles
 from shared.settings import AUTO
 from simulations.cross_site import write_cross_site
@@ -61,6 +61,64 @@ class SimulationRequest:
     #: The run folder of an earlier simulation to continue (its recorded sites and
     #: saved settings; ``overrides`` may only raise num-server-rounds).
     resume: Path | None = None
+    #: Node-config keys every simulated site takes (``--site-config``), checked by
+    #: :func:`read_site_settings`.
+    site_settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: Node-config keys ``fedseg simulate`` sets for each site itself.
+PER_SITE_KEYS = frozenset({"data-path", "site-name", "state-dir", "seed"})
+SITE_CONFIG_FLAG = "--site-config"
+
+
+def _site_source(path: Path) -> settings.Source:
+    return settings.Source(f"{SITE_CONFIG_FLAG} {path}", f"fix it in {path}")
+
+
+def check_site_settings(values: Mapping[str, Any], source: settings.Source) -> None:
+    """Refuse node-config ``values`` a simulated site cannot take, naming the key.
+
+    Every key must be a :class:`client.config.SiteConfig` setting, validated by its
+    own declaration, and none of those the simulation sets per site.
+    """
+    for key in sorted(values):
+        if key in PER_SITE_KEYS:
+            raise ConfigError(source.name, key, "is set by fedseg simulate for each site (its "
+                              "data folder, name, state folder in the run folder and seed by "
+                              "position)", "remove it")
+    settings.refuse_unknown(values, settings.keys(SiteConfig) - PER_SITE_KEYS, source,
+                            "site setting")
+    settings.parse(SiteConfig, {**values, "data-path": "site"}, source)
+
+
+def read_site_settings(path: Path) -> dict[str, Any]:
+    """Return the node-config keys of the TOML file ``path``, for every simulated site.
+
+    Read as ``flower-supernode --node-config`` reads a file, and checked by
+    :func:`check_site_settings`.
+
+    Raises
+    ------
+    FedsegError
+        One line naming the file (and the key): missing, not TOML, an unknown,
+        per-site or invalid key.
+    """
+    from flwr.common.config import parse_config_args
+
+    where = f"{SITE_CONFIG_FLAG} {path}"
+    if path.suffix != ".toml":
+        raise DataError(where, "the site config must be a .toml file",
+                        "write node-config keys such as dp-enabled = true into a .toml file")
+    if not path.is_file():
+        raise DataError(where, "file not found",
+                        "pass a .toml file of node-config keys, e.g. dp-enabled = true")
+    try:
+        values = dict(parse_config_args([str(path)]))
+    except Exception as exc:  # tomli's decode errors carry the line and column
+        raise DataError(where, f"not valid TOML ({exc})",
+                        "write one 'key = value' per line, strings in quotes") from None
+    check_site_settings(values, _site_source(path))
+    return values
 
 
 SIMULATION_FORMAT = "fedseg-simulation/1"
@@ -82,8 +140,20 @@ def record_simulation(run_dir: Path, request: SimulationRequest, folders: list[P
               "synthetic-dims": request.synthetic_dims,
               "cases-per-site": request.cases_per_site,
               "synthetic-size": request.synthetic_size, "seed": request.seed,
-              "overrides": dict(request.overrides)}
+              "overrides": dict(request.overrides),
+              "site-config": dict(request.site_settings)}
     write_text_atomic(RunFiles(run_dir).simulation_json, json.dumps(record, indent=2) + "\n")
+
+
+def recorded_site_settings(run_dir: Path) -> dict[str, Any]:
+    """Return the ``--site-config`` keys the simulation in ``run_dir`` gave its sites."""
+    values = json.loads(RunFiles(run_dir).simulation_json.read_text()).get("site-config", {})
+    if not isinstance(values, dict):
+        raise ResumeError(run_dir, "simulation.json is damaged (site-config)",
+                          "restore it from a backup", where="--resume")
+    check_site_settings(values, settings.Source(f"--resume {run_dir}: simulation.json",
+                                                "restore it from a backup"))
+    return values
 
 
 def recorded_sites(run_dir: Path) -> list[Path]:
@@ -195,8 +265,10 @@ def run_simulation(request: SimulationRequest,
         presets = {}
     values = build_run_values(presets, request.overrides, len(folders), run_dir)
     config = RunConfig.from_user_config(values)
+    if config.initial_model:
+        check_initial_model(config, planned=RunConfig.needs_plan(values))
     record_simulation(run_dir, request, folders)
-    sites = simulated_sites(folders, run_dir)
+    sites = simulated_sites(folders, run_dir, request.site_settings)
     if RunConfig.needs_plan(values):
         echo(f"{len(sites)} sites, strategy {config.strategy}; rounds, resolution, patch, "
              "network and schedule are planned from the sites' data fingerprints")
@@ -211,12 +283,34 @@ def run_simulation(request: SimulationRequest,
     return _finish(values, sites, run_dir, echo, started)
 
 
-def simulated_sites(folders: list[Path], run_dir: Path) -> list[SiteConfig]:
-    """Return one site per folder, its state kept in the run folder, seeded by its position."""
+def check_initial_model(config: RunConfig, planned: bool) -> None:
+    """Refuse a bad ``initial-model`` before Ray starts.
+
+    Its fit to the model is checked here when the run config fixes the model; a
+    planned model is known only after the planning round, where the ServerApp
+    checks it.
+    """
+    from server.app import initial_weights
+    from server.initial_model import read_file
+
+    if planned:
+        read_file(Path(config.initial_model).expanduser())
+    else:
+        initial_weights(config)
+
+
+def simulated_sites(folders: list[Path], run_dir: Path,
+                    site_settings: Mapping[str, Any] | None = None) -> list[SiteConfig]:
+    """Return one site per folder, its state kept in the run folder, seeded by its position.
+
+    ``site_settings`` (node-config keys, already checked) apply to every site.
+    """
+    common = {"num-threads": 1, "device": "auto", **(site_settings or {})}
     return [
-        SiteConfig(data_path=folder, site_name=folder.name,
-                   state_dir=run_dir / "site-state" / folder.name, num_threads=1,
-                   seed=i, device="auto")
+        settings.parse(SiteConfig, {
+            **common, "data-path": str(folder), "site-name": folder.name,
+            "state-dir": str(run_dir / "site-state" / folder.name), "seed": i,
+        }, settings.NODE_CONFIG)
         for i, folder in enumerate(folders)
     ]
 
@@ -224,7 +318,7 @@ def simulated_sites(folders: list[Path], run_dir: Path) -> list[SiteConfig]:
 def _resume_simulation(run_dir: Path, overrides: Mapping[str, Any],
                        echo: Callable[[str], None], started: float) -> SimulationOutcome:
     """Continue the simulation in ``run_dir`` on the sites it recorded."""
-    sites = simulated_sites(recorded_sites(run_dir), run_dir)
+    sites = simulated_sites(recorded_sites(run_dir), run_dir, recorded_site_settings(run_dir))
     values = {**overrides, "resume-from": str(run_dir)}
     point = resume_at(run_dir, values)  # a refusal stops here, before Ray starts
     echo(f"resuming {run_dir} after round {point.state.server_round} of "

@@ -8,7 +8,8 @@ import pytest
 
 from client.data_contract import discover_cases, load_case, split_cases
 from server.history import MetricsHistory
-from simulations.simulate import SimulationRequest, find_site_folders, run_simulation
+from simulations.simulate import SimulationRequest, run_simulation
+from simulations.sites import find_site_folders
 from tests.conftest import real_data
 
 pytestmark = pytest.mark.realdata

@@ -1,0 +1,104 @@
+"""Public starting models: phantom families, the planned architecture, a usable checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from benchmarks.pretrain import PRESETS, main, model_spec
+from server.app import initial_weights
+from server.config import RunConfig
+from shared.checkpoint import Checkpoint
+from shared.planning import Fingerprint, make_plan
+from simulations.phantom_families import (
+    FAMILIES,
+    LUNG_SIDE,
+    VESSEL_SIDE,
+    lung_phantom,
+    vessel_phantom,
+    write_family_site,
+)
+from simulations.sites import plan_sites
+
+
+def _fp(**kw: object) -> Fingerprint:
+    base: dict[str, object] = dict(
+        num_cases=100, spatial_dims=2, channels=1, shape=(512, 512), spacing=(1.0, 1.0),
+        has_spacing=False, foreground_fraction=0.25, thickness=100.0, dark_fraction=0.05,
+        fg_intensity=(20.0, 70.0, 210.0))
+    base.update(kw)
+    return Fingerprint(**base)  # type: ignore[arg-type]
+
+
+def _model_keys(plan_keys: dict[str, object], family: str) -> dict[str, object]:
+    return {k: plan_keys[k] for k in PRESETS[family]}
+
+
+def test_presets_are_the_planners_choice_for_the_real_data() -> None:
+    # Fingerprints like chest-xray's and retina's (fedseg plan --data ../shared/data/...).
+    chest = make_plan([_fp(num_cases=94), _fp(num_cases=358, dark_fraction=0.06)])
+    assert _model_keys(chest.to_run_config(), "lung") == PRESETS["lung"]
+    retina = make_plan([_fp(num_cases=20, channels=3, shape=(584, 568), thickness=7.7,
+                            dark_fraction=0.19)])
+    assert _model_keys(retina.to_run_config(), "vessel") == PRESETS["vessel"]
+
+
+def test_vessel_phantoms_look_like_retina_to_the_planner(tmp_path: Path) -> None:
+    folder = write_family_site(tmp_path, "vessel", 4, seed=1)
+    plan = plan_sites([folder]).to_run_config()
+    assert _model_keys(plan, "vessel") == PRESETS["vessel"]
+
+
+def test_lung_phantoms_are_two_lung_fields_darker_than_the_thorax() -> None:
+    for case in range(4):
+        image, label = lung_phantom(np.random.default_rng([0, case]))
+        assert image.shape == label.shape == (LUNG_SIDE, LUNG_SIDE)
+        assert image.dtype == np.float32 and image.min() >= 0.0 and image.max() <= 1.0
+        regions, count = ndimage.label(label)
+        sizes = np.bincount(regions.ravel())[1:]
+        assert count == 2 and sizes.min() > 0.05 * label.size
+        # The two fields lie left and right of the midline.
+        centres = sorted(ndimage.center_of_mass(label, regions, [1, 2]), key=lambda c: c[1])
+        assert centres[0][1] < LUNG_SIDE / 2 < centres[1][1]
+        around = ndimage.binary_dilation(label, iterations=12) & ~label.astype(bool)
+        assert image[label == 1].mean() < image[around].mean() - 0.1
+    again, _ = lung_phantom(np.random.default_rng([0, 3]))
+    np.testing.assert_array_equal(again, image)
+
+
+def test_vessel_phantoms_are_thin_trees_in_a_dark_frame() -> None:
+    image, label = vessel_phantom(np.random.default_rng([0, 0]))
+    assert image.shape == (VESSEL_SIDE, VESSEL_SIDE, 3) and label.shape == image.shape[:2]
+    assert image[:8, :8].max() < 0.1 and label[:8, :8].max() == 0  # the dark frame
+    fov = image.mean(axis=-1) > 0.03
+    assert 0.03 < label[fov].mean() < 0.15
+    # Thin: the widest vessel is a few pixels, most are one or two.
+    depth = ndimage.distance_transform_edt(label)
+    assert depth.max() <= 8.0 and np.median(depth[label == 1]) <= 1.5
+    # Darker than the fundus around them, relatively most in green.
+    near = ndimage.binary_dilation(label, iterations=3) & ~label.astype(bool) & fov
+    vessel, background = image[label == 1].mean(axis=0), image[near].mean(axis=0)
+    assert np.all(vessel < background) and np.argmax(1 - vessel / background) == 1
+
+
+def test_pretraining_writes_a_checkpoint_the_run_can_start_from(tmp_path: Path) -> None:
+    out = tmp_path / "lung.pt"
+    small = "channels='8,16' resize='64,64' patch-size='64,64'"
+    assert main(["--family", "lung", "--out", str(out), "--cases", "4", "--steps", "2",
+                 "--batch", "2", "--run-config", small]) == 0
+    record = json.loads((tmp_path / "lung.pt.json").read_text())
+    assert record["family"] == "lung" and record["steps"] == 4  # 4 chunks of one step
+    assert "no real image, label or statistic" in record["saw"]
+    saved = Checkpoint.load(out)
+    assert saved.spec == model_spec("lung", {"channels": "8,16", "resize": "64,64",
+                                             "patch-size": "64,64"})
+    run = RunConfig.from_user_config({**PRESETS["lung"], "channels": "8,16", "resize": "64,64",
+                                      "patch-size": "64,64", "initial-model": str(out)})
+    start = initial_weights(run)
+    assert set(start) == set(saved.weights)
+    for name, value in saved.weights.items():
+        np.testing.assert_array_equal(start[name], value)
+    assert set(FAMILIES) == set(PRESETS)
