@@ -45,6 +45,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -258,6 +259,14 @@ def run_command(cmd: Sequence[str], *, sample_memory: bool = False, interval: fl
         for line in proc.stdout:
             timed.lines.append((time.monotonic() - started, line.rstrip("\n")))
         timed.returncode = proc.wait()
+    except BaseException:
+        # Stopped (Ctrl-C, or SIGTERM from timeout): a simulation must not run on.
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     finally:
         killer.cancel()
         done.set()
@@ -1116,4 +1125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (timeout, a job scheduler) unwinds like Ctrl-C, stopping the running command.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     raise SystemExit(main())
