@@ -246,7 +246,8 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
         log.warning("round %d: %d of the required %d sites returned weights; keeping the "
                     "previous global model", rnd, len(ok), config.min_train_nodes)
 
-    eval_config = ConfigRecord({**config.model.to_config(), "server-round": rnd})
+    # The whole round config: a site that fine-tunes before evaluating needs the plan.
+    eval_config = ConfigRecord(config.round_config(rnd))
     started = time.monotonic()
     sent = list(strategy.configure_evaluate(rnd, to_record(weights), eval_config, grid))
     replies = grid.send_and_receive(sent, timeout=config.round_timeout)
