@@ -167,6 +167,41 @@ def save_personal_model(state_dir: Path, spec: ModelSpec, model: PersonalModel) 
     write_atomic(state_dir / FILE_NAME, lambda tmp: torch.save(payload, tmp))
 
 
+def read_personal_model(state_dir: Path) -> tuple[str, dict[str, Any], PersonalModel] | None:
+    """Return the mode, model settings and personal model saved in ``state_dir``, if any.
+
+    Checks only that the file is one :func:`save_personal_model` wrote; whether it
+    fits a run is up to :func:`load_personal_model`.
+
+    Raises
+    ------
+    DataError
+        "damaged personal model": not a readable file, or not a fedseg personal model.
+    """
+    path = state_dir / FILE_NAME
+    if not os.path.lexists(path):
+        return None
+    if not path.is_file():
+        raise DataError(path, "damaged personal model: not a file", _FIX)
+    try:
+        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise DataError(path, f"damaged personal model: cannot be read ({type(exc).__name__})",
+                        _FIX) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DataError(path, "damaged personal model: not a fedseg personal-model file", _FIX)
+    mode, weights, model, rnd, base = (
+        payload.get(k) for k in ("personalization", "weights", "model", "round", "base"))
+    if (not isinstance(mode, str) or not isinstance(weights, dict)
+            or not isinstance(model, dict) or not isinstance(rnd, int)
+            or not isinstance(base, str)
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                       for k, v in weights.items())):
+        raise DataError(path, "damaged personal model: no weights, round or model settings",
+                        _FIX)
+    return mode, model, PersonalModel(state_to_numpy(weights), rnd, base)
+
+
 def load_personal_model(state_dir: Path, spec: ModelSpec,
                         expected: Mapping[str, tuple[int, ...]]) -> PersonalModel | None:
     """Return the personal model saved for ``spec`` in ``state_dir``, or ``None`` if none.
@@ -184,35 +219,20 @@ def load_personal_model(state_dir: Path, spec: ModelSpec,
     Raises
     ------
     DataError
-        "damaged personal model": not a readable file or not one
-        :func:`save_personal_model` wrote; or it belongs to another model.
+        The file is damaged (see :func:`read_personal_model`), or belongs to
+        another model.
     """
-    path = state_dir / FILE_NAME
-    if not os.path.lexists(path):
+    saved = read_personal_model(state_dir)
+    if saved is None:
         return None
-    if not path.is_file():
-        raise DataError(path, "damaged personal model: not a file", _FIX)
-    try:
-        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise DataError(path, f"damaged personal model: cannot be read ({type(exc).__name__})",
-                        _FIX) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise DataError(path, "damaged personal model: not a fedseg personal-model file", _FIX)
-    weights, model, rnd, base = (payload.get(k) for k in ("weights", "model", "round", "base"))
-    if (not isinstance(weights, dict) or not isinstance(model, dict)
-            or not isinstance(rnd, int) or not isinstance(base, str)
-            or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                       for k, v in weights.items())):
-        raise DataError(path, "damaged personal model: no weights, round or model settings",
-                        _FIX)
+    path = state_dir / FILE_NAME
+    mode, model, personal = saved
     if model != spec.to_config():
-        raise DataError(path, f"holds a personal model ({payload.get('personalization')}) of "
-                        "other model settings than this run's", _FIX)
-    arrays = state_to_numpy(weights)
-    if {k: tuple(v.shape) for k, v in arrays.items()} != dict(expected):
+        raise DataError(path, f"holds a personal model ({mode}) of other model settings than "
+                        "this run's", _FIX)
+    if {k: tuple(v.shape) for k, v in personal.weights.items()} != dict(expected):
         raise DataError(path, "does not match this run's model", _FIX)
-    return PersonalModel(arrays, rnd, base)
+    return personal
 
 
 class PersonalStore:

@@ -24,6 +24,7 @@ from client.personal import (
     trainable_copy,
 )
 from client.predict import load_site_network
+from client.site_check import check_state_dir
 from client.trainer import SiteTrainer
 from server.app import initial_weights
 from server.config import RunConfig
@@ -301,9 +302,13 @@ def test_personal_model_file_round_trip_and_refusals(tmp_path: Path) -> None:
     other = ModelSpec(channels=(8, 16), patch_size=(16, 16), personalization="finetune")
     with pytest.raises(DataError, match="other model settings than this run's; move it aside"):
         load_personal_model(tmp_path, other, shapes)
+    # fedseg site check reads it as a round would.
+    assert check_state_dir(tmp_path, 1e-5, "rdp")[2] == "personal model ok: ditto, round 3"
     (tmp_path / FILE_NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="damaged personal model: cannot be read"):
         load_personal_model(tmp_path, spec, shapes)
+    with pytest.raises(DataError, match="damaged personal model: cannot be read"):
+        check_state_dir(tmp_path, 1e-5, "rdp")
     torch.save({"format": "something else"}, tmp_path / FILE_NAME)
     with pytest.raises(DataError, match="damaged personal model: not a fedseg personal-model"):
         load_personal_model(tmp_path, spec, shapes)
