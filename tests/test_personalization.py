@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from client.personal import (
 from client.predict import load_site_network
 from client.site_check import check_state_dir
 from client.trainer import SiteTrainer
+from fedseg.cli import main
 from server.app import initial_weights
 from server.config import RunConfig
 from server.federation import FederationState, run_round
@@ -332,3 +335,25 @@ def test_unknown_personalization_is_refused_with_the_closest_name() -> None:
         RunConfig.from_user_config({"personalization": "dito"})
     with pytest.raises(ConfigError, match="'finetune-scope'"):
         RunConfig.from_user_config({"finetune-scope": "bias"})
+
+
+def test_export_folds_in_the_personal_model(tmp_path: Path) -> None:
+    spec = ModelSpec(channels=(4, 8), patch_size=(16, 16), personalization="ditto")
+    torch.manual_seed(0)
+    global_net = build_network(spec).eval()
+    Checkpoint(spec, state_to_numpy(global_net.state_dict()), 3).save(tmp_path / "final.pt")
+    personal = build_network(spec).eval()  # other initial weights: visibly other logits
+    save_personal_model(tmp_path / "state", spec,
+                        PersonalModel(state_to_numpy(personal.state_dict()), 3))
+    out = tmp_path / "site.pt"
+    assert main(["export", "--model", str(tmp_path / "final.pt"), "--site-state",
+                 str(tmp_path / "state"), "--format", "torchscript", "--output", str(out)]) == 0
+    contract = json.loads(out.with_name("site.pt.json").read_text())
+    assert contract["personalization"] == "ditto" and contract["site_layers_folded_in"]
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated
+        exported = torch.jit.load(str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), personal(x), rtol=0, atol=1e-5)
+        assert not torch.allclose(exported(x), global_net(x), atol=1e-3)
