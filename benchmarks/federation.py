@@ -5,12 +5,17 @@ Run from the repository root::
     python -m benchmarks.federation --data ../shared/data/retina --seeds 3
 
 Methods: local-only (each site alone), pooled (all training cases in one place,
-the centralised upper bound), FedAvg, FedProx and every site-local mode of
-:data:`shared.partition.ADAPTATIONS` (FedAvg with those layers kept at the site).
-All of them train with the settings planned from the sites' data fingerprints
-(:func:`simulations.sites.plan_sites`), and each site takes ``rounds x
-local-steps`` optimiser steps whatever the method; pooled training takes the sum
-over sites. Seeds ``0..N-1`` set the run config's ``seed`` (initial weights, and
+the centralised upper bound), FedAvg, FedProx, every site-local mode of
+:data:`shared.partition.ADAPTATIONS` (FedAvg with those layers kept at the site,
+the local head included) and every personalisation mode of
+:data:`shared.personalization.PERSONALIZATIONS` (FedAvg, each site deploying its
+personal model). All of them train with the settings planned from the sites' data
+fingerprints (:func:`simulations.sites.plan_sites`), and each site takes
+``rounds x local-steps`` optimiser steps whatever the method; pooled training
+takes the sum over sites. Ditto trains two models, so each gets half the local
+steps (``2 x floor(local-steps / 2)`` per round in all); local fine-tuning adds
+``finetune-steps`` before each evaluation, which the report states beside the
+budget. Seeds ``0..N-1`` set the run config's ``seed`` (initial weights, and
 mixed with each site's seed and the round into its local training).
 
 Validation Dice is measured at full resolution on each site's held-out cases. The
@@ -41,6 +46,7 @@ from server.app import initial_weights
 from server.config import RunConfig
 from server.history import MetricsHistory
 from shared.partition import ADAPTATIONS
+from shared.personalization import PERSONALIZATIONS
 from shared.run_files import RunFiles
 from simulations.cross_site import Predictor, cross_site_matrix
 from simulations.phantoms import write_synthetic_federation
@@ -51,18 +57,66 @@ LOCAL_ONLY = "local-only"
 POOLED = "pooled"
 CENTRALISED = (LOCAL_ONLY, POOLED)
 
-#: Run-config overrides of each federated method. Every site-local mode of the
-#: registry is one method, so a mode added there is benchmarked without an edit here.
+#: Run-config overrides of each federated method. Every site-local mode and every
+#: personalisation mode of the registries is one method, so a mode added there is
+#: benchmarked without an edit here.
 FEDERATED: dict[str, dict[str, Any]] = {
     "fedavg": {"strategy": "fedavg"},
     "fedprox": {"strategy": "fedprox"},
     **{mode: {"strategy": "fedavg", "adaptation": mode} for mode in ADAPTATIONS
+       if mode != "none"},
+    **{mode: {"strategy": "fedavg", "personalization": mode} for mode in PERSONALIZATIONS
        if mode != "none"},
 }
 METHODS: tuple[str, ...] = (*CENTRALISED, *FEDERATED)
 
 #: Acceptance of issue 10: the best federated method may trail pooled training by this.
 POOLED_MARGIN = 0.01
+
+
+def _personalization(method: str) -> str:
+    return str(FEDERATED.get(method, {}).get("personalization", "none"))
+
+
+def method_values(method: str, values: Mapping[str, Any], local_steps: int) -> dict[str, Any]:
+    """Return the run config of federated ``method``: ``values`` with its overrides.
+
+    A method that trains a personal model beside the global one (Ditto) gets half
+    the local steps for each, so that the site's optimiser steps stay the budget's.
+    """
+    out = {**values, **FEDERATED[method]}
+    if PERSONALIZATIONS[_personalization(method)].trains_personal:
+        out["local-steps"] = local_steps // 2
+    return out
+
+
+def method_steps(method: str, rounds: int, local_steps: int) -> int:
+    """Return the optimiser steps each site takes over the run in ``method`` (pooled: per site)."""
+    if PERSONALIZATIONS[_personalization(method)].trains_personal:
+        return rounds * 2 * (local_steps // 2)
+    return rounds * local_steps
+
+
+def budget_notes(methods: Sequence[str], values: Mapping[str, Any], rounds: int,
+                 local_steps: int) -> dict[str, str]:
+    """Return, per method whose steps differ from the plain budget, how they are spent."""
+    notes = {}
+    for method in methods:
+        mode = PERSONALIZATIONS[_personalization(method)]
+        if mode.trains_personal:
+            half = local_steps // 2
+            odd = " (one fewer per round than the others: local-steps is odd)" \
+                if local_steps % 2 else ""
+            notes[method] = (f"each round {half} steps of the global model + {half} of the "
+                             f"personal one = {method_steps(method, rounds, local_steps)} steps "
+                             f"per site{odd}")
+        elif mode.finetunes:
+            tuned = RunConfig.from_user_config({**values, **FEDERATED[method]})
+            notes[method] = (f"+ {tuned.training.finetune_steps} fine-tuning steps of a copy of "
+                             "the global model before each evaluation, not counted above; the "
+                             "deployed model has had the budget + "
+                             f"{tuned.training.finetune_steps}")
+    return notes
 
 
 @dataclass(frozen=True)
@@ -311,6 +365,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     sites: list[str] = report["sites"]
     summary: dict[str, dict[str, Any]] = report["summary"]
     budget = report["budget"]
+    notes: dict[str, str] = report.get("budget_notes", {})
     seeds = len(report["seeds"])
     columns = [*sites, "mean"]
     lines = [
@@ -319,6 +374,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"{budget['local_steps']} (rounds x local steps) = {budget['steps_per_site']} optimiser "
         f"steps in every method (pooled: {budget['pooled_steps']} on the pooled cases); equal "
         f"steps checked: {'yes' if report['equal_steps'] else 'NO'}.", "",
+        *[f"- {method}: {note}" for method, note in notes.items()],
+        *([""] if notes else []),
         "## Validation Dice (final round, full resolution; mean ± std over seeds)", "",
         _row(["method", *columns]), _row(["---"] * (len(columns) + 1)),
     ]
@@ -439,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     if local_steps < 1:
         parser.error("equal steps per site need local-steps >= 1 (local-epochs vary with "
                      "a site's size)")
+    if local_steps < 2 and any(PERSONALIZATIONS[_personalization(m)].trains_personal
+                               for m in args.methods):
+        parser.error("ditto splits each round's local steps between its two models: it needs "
+                     "local-steps >= 2")
 
     runs: dict[str, list[MethodRun]] = {m: [] for m in args.methods}
     for seed in range(args.seeds):
@@ -450,20 +511,24 @@ def main(argv: list[str] | None = None) -> int:
                 run = centralised(folders, RunConfig.from_user_config(seeded), method == POOLED,
                                   where / "site-state")
             else:
-                run = federated(data, {**seeded, **FEDERATED[method]}, where,
+                run = federated(data, method_values(method, seeded, local_steps), where,
                                 echo=lambda line: print("   ", line, flush=True))
             runs[method].append(run)
 
     budget = {"rounds": rounds, "local_steps": local_steps,
               "steps_per_site": rounds * local_steps,
               "pooled_steps": rounds * local_steps * len(sites)}
-    expected = {s: budget["steps_per_site"] for s in sites}
-    equal = all(run.steps == ({POOLED: budget["pooled_steps"]} if m == POOLED else expected)
-                for m, seed_runs in runs.items() for run in seed_runs)
+    def expected(method: str) -> dict[str, int]:
+        if method == POOLED:
+            return {POOLED: budget["pooled_steps"]}
+        return dict.fromkeys(sites, method_steps(method, rounds, local_steps))
+
+    equal = all(run.steps == expected(m) for m, seed_runs in runs.items() for run in seed_runs)
     summary = summarise(runs, sites)
     report: dict[str, Any] = {
         "data": str(data), "sites": sites, "seeds": list(range(args.seeds)),
         "methods": args.methods, "run_config": values, "budget": budget, "equal_steps": equal,
+        "budget_notes": budget_notes(args.methods, values, rounds, local_steps),
         "summary": summary, "acceptance": acceptance(summary, sites),
         "runs": {m: [{"seed": seed, **asdict(r)} for seed, r in enumerate(seed_runs)]
                  for m, seed_runs in runs.items()},

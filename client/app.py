@@ -20,6 +20,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.config import SiteConfig
 from client.fingerprint import fingerprint_site
+from client.personal import refuse_under_dp
 from client.trainer import SiteTrainer, TrainResult
 from shared import protocol as p
 from shared.config import ModelSpec, TrainPlan
@@ -216,8 +217,11 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
         site = resolve_site(context)
         config = msg.content.config_records[p.CONFIG]
         spec = ModelSpec.from_config(config)
+        # A fine-tune before evaluating is training too: refused under DP like a personal model.
+        refuse_under_dp(spec, resolve_privacy(site.privacy, PrivacyRequest.from_config(config)))
         trainer = cache.get(site, spec)
-        result = trainer.evaluate(from_record(msg.content.array_records[p.ARRAYS]))
+        result = trainer.evaluate(from_record(msg.content.array_records[p.ARRAYS]),
+                                  TrainPlan.from_config(config))
         metrics = MetricRecord({
             p.NUM_EXAMPLES: result.num_examples,
             p.VAL_DICE: result.dice if result.num_examples else 0.0,

@@ -23,6 +23,8 @@ from client.imaging import (
     write_mask,
 )
 from client.inference import Tiling, predict_classes, predict_with_uncertainty, resolve_device
+from client.personal import FILE_NAME as PERSONAL_FILE
+from client.personal import load_personal_model, weights_digest
 from client.site_state import FILE_NAME as LOCAL_LAYERS
 from client.site_state import load_local_layers
 from shared.atomic import write_text_atomic
@@ -30,6 +32,7 @@ from shared.checkpoint import Checkpoint
 from shared.errors import DataError
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
+from shared.personalization import PERSONALIZATIONS
 from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
 
 UNCERTAINTY_SUFFIX = "_uncertainty"
@@ -272,23 +275,31 @@ class SiteNetwork:
     local_names : frozenset of str
         Names of the site-local parameters (empty without adaptation); when not
         empty they hold the site's layers read from its state folder.
+    personal : bool
+        The whole network is the site's personal model (personalization ditto or
+        finetune), read from its state folder.
     """
 
     net: nn.Module
     checkpoint: Checkpoint
     local_names: frozenset[str]
+    personal: bool = False
 
 
 def load_site_network(model: Path, site_state: Path | None) -> SiteNetwork:
     """Build the network of ``model`` with the site's own layers from ``site_state``.
 
+    With personalisation (``ditto``, ``finetune``) the site deploys its personal
+    model from ``site_state`` instead: the whole network, its own layers included.
+
     Raises
     ------
     DataError
         The checkpoint is unreadable, does not fit its own model settings or holds
-        NaN/infinite weights, or the model has site-local layers and ``site_state``
-        is missing or holds none that fit and are finite. ``site_state`` is ignored
-        for a model without local layers.
+        NaN/infinite weights, or the model has site-local layers or personal models
+        and ``site_state`` is missing or holds none that fit and are finite (a
+        fine-tune must be of this checkpoint's weights). ``site_state`` is ignored
+        for a model without either.
     """
     checkpoint = Checkpoint.load(model)
     spec = checkpoint.spec
@@ -301,6 +312,9 @@ def load_site_network(model: Path, site_state: Path | None) -> SiteNetwork:
         raise DataError(model, str(exc).removeprefix(f"model {model}").lstrip(": ")) from None
     check_finite(checkpoint.weights, model)
     net.load_state_dict(numpy_to_state(checkpoint.weights), strict=False)
+    if PERSONALIZATIONS[spec.personalization].personal_model:
+        _load_personal(net, model, checkpoint, site_state)
+        return SiteNetwork(net, checkpoint, local_names, personal=True)
     if local_names:
         if site_state is None:
             raise DataError(model, f"was trained with adaptation '{spec.adaptation}'",
@@ -314,6 +328,28 @@ def load_site_network(model: Path, site_state: Path | None) -> SiteNetwork:
         check_finite(local, site_state / LOCAL_LAYERS)
         net.load_state_dict(numpy_to_state(local), strict=False)
     return SiteNetwork(net, checkpoint, local_names)
+
+
+def _load_personal(net: nn.Module, model: Path, checkpoint: Checkpoint,
+                   site_state: Path | None) -> None:
+    """Load the site's personal model for ``checkpoint`` into ``net``, or refuse."""
+    spec = checkpoint.spec
+    if site_state is None:
+        raise DataError(model, f"was trained with personalization '{spec.personalization}'",
+                        "pass --site-state with this site's state folder")
+    expected = {k: tuple(v.shape) for k, v in state_to_numpy(net.state_dict()).items()}
+    personal = load_personal_model(site_state, spec, expected)
+    if personal is None:
+        raise DataError(site_state, "holds no personal model for this model",
+                        "pass the state folder this site trained with")
+    if PERSONALIZATIONS[spec.personalization].finetunes and \
+            personal.base != weights_digest(checkpoint.weights):
+        raise DataError(site_state, f"holds a fine-tune of another global model (round "
+                        f"{personal.server_round}), not of {model.name}",
+                        f"pass checkpoints/round-{personal.server_round:03d}.pt of the run as "
+                        "--model")
+    check_finite(personal.weights, site_state / PERSONAL_FILE)
+    net.load_state_dict(numpy_to_state(personal.weights), strict=False)
 
 
 @contextmanager

@@ -2,8 +2,8 @@
 
 Reads every case through the same data contract the trainer uses and reports
 what it found, without sending anything anywhere. Given the daemon's node config,
-it also reads the site's state folder (privacy ledger and local layers) exactly
-as a training round would.
+it also reads the site's state folder (privacy ledger, local layers, personal model)
+exactly as a training round would.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def read_site_config(path: Path) -> SiteConfig:
 
 
 def check_state_dir(state_dir: Path, delta: float, accountant: Mechanism) -> list[str]:
-    """Read the site's privacy ledger and local layers; return one summary line each.
+    """Read the site's privacy ledger, local layers and personal model; one line each.
 
     A missing folder or file is a site that has not trained yet, not a problem.
     No lock is taken: the ledger is only ever replaced whole (atomic rename), so
@@ -107,11 +107,12 @@ def check_state_dir(state_dir: Path, delta: float, accountant: Mechanism) -> lis
     Raises
     ------
     DataError
-        "damaged ledger" or "damaged local layers", as a training round would stop
-        with; or ``state_dir`` is not a folder.
+        "damaged ledger", "damaged local layers" or "damaged personal model", as a
+        training round would stop with; or ``state_dir`` is not a folder.
     """
     # Imported here: they load Opacus and PyTorch, which checking the data alone
     # (`fedseg site check --data`) does not need.
+    from client.personal import read_personal_model
     from client.privacy_ledger import PrivacyLedger
     from client.site_state import read_local_layers
 
@@ -129,4 +130,7 @@ def check_state_dir(state_dir: Path, delta: float, accountant: Mechanism) -> lis
     layers = read_local_layers(state_dir)
     layers_line = ("local layers: none yet" if layers is None else
                    f"local layers ok: adaptation '{layers[0]}', {len(layers[1])} tensors")
-    return [ledger_line, layers_line]
+    personal = read_personal_model(state_dir)
+    personal_line = ("personal model: none" if personal is None else
+                     f"personal model ok: {personal[0]}, round {personal[2].server_round}")
+    return [ledger_line, layers_line, personal_line]

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,14 +25,24 @@ from client.augment import PatchDataset
 from client.config import SiteConfig
 from client.data_contract import LoadedCase, site_split
 from client.inference import Tiling, predict_classes, resolve_device
+from client.personal import (
+    PersonalStore,
+    anchor_of,
+    fit,
+    refuse_under_dp,
+    trainable_copy,
+    weights_digest,
+)
 from client.preprocess import prepared_case
 from client.privacy_ledger import PrivacyLedger
 from client.proximal import proximal_term
 from client.site_state import load_local_layers, save_local_layers
 from shared.config import ModelSpec, TrainPlan
+from shared.errors import DataError
 from shared.metrics import case_dice
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
+from shared.personalization import PERSONALIZATIONS
 from shared.privacy import PrivacySettings
 from shared.schedule import learning_rate
 from shared.trainable import trainable_names
@@ -135,6 +146,8 @@ class SiteTrainer:
                                       {k: tuple(v.shape) for k, v in local.items()})
             if saved is not None:
                 self.net.load_state_dict(numpy_to_state(saved), strict=False)
+        self.personal = PERSONALIZATIONS[spec.personalization]
+        self.personal_models = PersonalStore(site.state_dir, spec)
 
     @property
     def num_train_cases(self) -> int:
@@ -213,8 +226,11 @@ class SiteTrainer:
             Updated weights, the number of training cases, the mean loss and the
             number of steps taken.
         """
+        refuse_under_dp(self.spec, privacy)
         self.load_weights(global_weights)
         self._set_trainable(plan.trainable)
+        # Ditto pulls its personal model towards the model received (with the site's layers).
+        received = anchor_of(self.net) if self.personal.trains_personal else None
         seed = _mix_seed(plan.seed, self.site.seed, plan.server_round)
         torch.manual_seed(seed)
         dataset = self._patches(seed)
@@ -251,11 +267,13 @@ class SiteTrainer:
             scaler.update()
             losses.append(float(loss.detach()))
         self._save_local()
+        personal_steps = 0 if received is None else self._train_ditto(received, loader, plan)
         return TrainResult(
             weights=self.sent_weights(),
             num_examples=self.num_train_cases,
             train_loss=float(np.mean(losses)),
-            steps=len(losses),
+            # Ditto's personal steps count too: the site's compute, honestly reported.
+            steps=len(losses) + personal_steps,
         )
 
     def _train_private(self, loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
@@ -330,20 +348,74 @@ class SiteTrainer:
             epsilon=epsilon, delta=privacy.delta,
         )
 
-    def evaluate(self, weights: NDArrays) -> EvalResult:
-        """Return the Dice of ``weights`` on each held-out case, at full resolution."""
+    def _train_ditto(self, received: dict[str, torch.Tensor],
+                     loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
+                     plan: TrainPlan) -> int:
+        """Train the personal model as many steps as the global one; return the steps."""
+        net = self.personal_models.get(self.net)
+        if net is None:  # Ditto starts the personal model from the global one
+            net = copy.deepcopy(self.net)
+            net.load_state_dict(received, strict=False)
+        steps = self.steps_for(plan)
+        fit(net, _batches(loader, steps), _optimiser(net.parameters(), plan), self.loss_fn,
+            self.device, partial(_rate, plan, steps=steps), received, plan.ditto_lambda)
+        self.personal_models.keep(net, plan.server_round)
+        return steps
+
+    def _finetune(self, weights: NDArrays, plan: TrainPlan) -> torch.nn.Module:
+        """Fine-tune a copy of the loaded global model and keep it as the personal one."""
+        net, _ = trainable_copy(self.net, plan.finetune_scope)
+        seed = _mix_seed(plan.seed, self.site.seed, plan.server_round, _FINETUNE_SEED)
+        torch.manual_seed(seed)
+        loader = DataLoader(self._patches(seed), batch_size=plan.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        rate = plan.learning_rate * plan.finetune_lr_factor
+        fit(net, _batches(loader, plan.finetune_steps),
+            _optimiser([p for p in net.parameters() if p.requires_grad], plan), self.loss_fn,
+            self.device, lambda step: rate)
+        self.personal_models.keep(net, plan.server_round, weights_digest(weights))
+        return net
+
+    def deployed(self, weights: NDArrays, plan: TrainPlan | None = None) -> torch.nn.Module:
+        """Return the network this site evaluates and predicts with, given the global weights.
+
+        Without personalisation: the global model with the site's own layers. Ditto:
+        the personal model (the global one before the site's first round). Fine-tuning:
+        with ``plan``, a new fine-tune of ``weights``; without, the one kept for them.
+
+        Raises
+        ------
+        DataError
+            Fine-tuning without ``plan`` and no fine-tune of ``weights`` is kept.
+        """
         self.load_weights(weights)
+        if self.personal.finetunes:
+            if plan is not None:
+                return self._finetune(weights, plan)
+            tuned = self.personal_models.get(self.net, weights_digest(weights))
+            if tuned is None:
+                raise DataError(self.personal_models.path, "holds no fine-tune of these "
+                                "global weights", "evaluate them at this site first")
+            return tuned
+        personal = self.personal_models.get(self.net) if self.personal.trains_personal else None
+        return self.net if personal is None else personal
+
+    def evaluate(self, weights: NDArrays, plan: TrainPlan | None = None) -> EvalResult:
+        """Return the Dice of the deployed model on each held-out case, at full resolution.
+
+        ``plan`` gives the fine-tuning settings (personalization ``finetune``).
+        """
+        net = self.deployed(weights, plan)
         per_case: dict[str, float] = {}
         for case in self.data.val:
-            pred = predict_classes(self.net, case.image, Tiling.of(self.spec), self.device)
+            pred = predict_classes(net, case.image, Tiling.of(self.spec), self.device)
             per_case[case.case_id] = case_dice(pred, case.label, self.spec.num_classes)
         dice = float(np.mean(list(per_case.values()))) if per_case else float("nan")
         return EvalResult(dice=dice, per_case=per_case, num_examples=len(per_case))
 
     def predict(self, weights: NDArrays, image: np.ndarray) -> np.ndarray:
-        """Return the class map of one channel-first, normalised image."""
-        self.load_weights(weights)
-        return predict_classes(self.net, image, Tiling.of(self.spec), self.device)
+        """Return the deployed model's class map of one channel-first, normalised image."""
+        return predict_classes(self.deployed(weights), image, Tiling.of(self.spec), self.device)
 
 
 def _trained(net: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -366,6 +438,12 @@ def _set_learning_rate(optimiser: torch.optim.Optimizer, plan: TrainPlan, step: 
         group["lr"] = rate
 
 
+def _rate(plan: TrainPlan, step: int, steps: int) -> float:
+    """Return the scheduled learning rate of ``step`` (the personal model follows it too)."""
+    return learning_rate(plan.lr_schedule, plan.learning_rate, plan.server_round, step, steps,
+                         plan.num_rounds)
+
+
 def _batches(loader: Iterable[Batch], steps: int) -> Iterator[Batch]:
     """Yield exactly ``steps`` batches, passing over ``loader`` as often as needed."""
     taken = 0
@@ -375,6 +453,9 @@ def _batches(loader: Iterable[Batch], steps: int) -> Iterator[Batch]:
                 return
             taken += 1
             yield batch
+
+
+_FINETUNE_SEED = 7919  # mixed into the fine-tune's seed, so its patches differ from training
 
 
 def _mix_seed(*parts: int) -> int:

@@ -116,7 +116,7 @@ def export_model(request: ExportRequest) -> ExportResult:
     _check_output(request)
     site_net = load_site_network(request.model, request.site_state)
     spec = site_net.checkpoint.spec
-    if request.site_state is not None and not site_net.local_names:
+    if request.site_state is not None and not site_net.local_names and not site_net.personal:
         raise DataError(request.site_state, f"model {request.model} has no site-local layers "
                         f"(adaptation '{spec.adaptation}')", "leave out --site-state")
     net = site_net.net.eval()
@@ -288,7 +288,8 @@ def _contract(request: ExportRequest, site_net: SiteNetwork, diff: float) -> dic
         "network": {"architecture": spec.network, "norm": spec.norm,
                     "channels": list(spec.channels)},
         "adaptation": spec.adaptation,
-        "site_layers_folded_in": bool(site_net.local_names),
+        "personalization": spec.personalization,
+        "site_layers_folded_in": bool(site_net.local_names) or site_net.personal,
         "source_checkpoint": {"file": request.model.name, "round": site_net.checkpoint.server_round,
                               "sha256": _sha256(request.model)},
         "max_abs_diff_vs_pytorch": diff,

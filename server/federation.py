@@ -436,7 +436,8 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
     chosen = choose_nodes(nodes, base.fraction_evaluate, config.min_evaluate_nodes,
                           f"{config.training.seed}:{rnd}:evaluate")
     started = clock.now()
-    eval_config = ConfigRecord({**config.model.to_config(), "server-round": rnd})
+    # The whole round config: a site that fine-tunes before evaluating needs the plan.
+    eval_config = ConfigRecord(config.round_config(rnd))
     sent = _on_the_wire(_configure(strategy.configure_evaluate, rnd, weights, eval_config, grid,
                                    chosen), transfer)
     replies, _ = ask(grid, sent, _asking(rnd, "evaluate", record.retries), 0, _answered,

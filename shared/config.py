@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from shared.networks import NETWORKS, NORMS
 from shared.normalization import NORMALIZATIONS
 from shared.partition import ADAPTATIONS
+from shared.personalization import FINETUNE_SCOPES, PERSONALIZATIONS
 from shared.schedule import SCHEDULES
 from shared.settings import (
     ROUND_CONFIG,
@@ -80,6 +81,11 @@ class ModelSpec:
                                 choices=NORMALIZATIONS, wire="model-normalization", planned=True)
     adaptation: str = choice("adaptation", "none", "site-local layers (see Domain adaptation)",
                              choices=ADAPTATIONS, wire="model-adaptation")
+    # Not architecture, but what each site deploys: the checkpoint must say it, so that
+    # predict and export apply the site's personal model (see Personalisation).
+    personalization: str = choice("personalization", "none", "the model each site evaluates "
+                                  "and deploys (see Personalisation)", choices=PERSONALIZATIONS,
+                                  wire="model-personalization")
 
     def __post_init__(self) -> None:
         check(self)
@@ -169,6 +175,18 @@ class TrainPlan:
                                 "proximal term", minimum=0.0, wire="proximal-mu")
     seed: int = integer("seed", 0, "seed of the initial weights; sites mix in the round number "
                         "and their own seed", wire="seed")
+    ditto_lambda: float = number("ditto-lambda", 0.1, "Ditto's pull of the personal model "
+                                 "towards the global one (personalization ditto)", minimum=0.0,
+                                 wire="ditto-lambda")
+    finetune_steps: int = integer("finetune-steps", 20, "local fine-tuning steps before each "
+                                  "evaluation (personalization finetune)", minimum=1,
+                                  wire="finetune-steps")
+    finetune_lr_factor: float = number("finetune-lr-factor", 0.1, "fine-tuning learning rate "
+                                       "(constant) as a fraction of learning-rate", minimum=0.0,
+                                       maximum=1.0, exclusive_minimum=True,
+                                       wire="finetune-lr-factor")
+    finetune_scope: str = choice("finetune-scope", "all", "parameters a fine-tune may change",
+                                 choices=FINETUNE_SCOPES, wire="finetune-scope")
     uniform_weights: bool = flag(None, False, "weight every site's update equally (central DP)",
                                  wire="uniform-weights")
     transfer_dtype: str = choice("transfer-dtype", "float32", "precision of the shared weights "

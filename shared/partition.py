@@ -1,14 +1,15 @@
 """Which parameters are shared with the federation and which stay at the site.
 
 Every adaptation mode is one entry of :data:`ADAPTATIONS`: it selects site-local
-modules by type (never by substring of a parameter name) and may put a site-local
-:class:`InputAdapter` in front of the shared network. A personalisation mode (a
-site-local head, say) is one more entry with its own selector.
+modules by type (never by substring of a parameter name), or by type and position
+(the segmentation head), and may put a site-local :class:`InputAdapter` in front
+of the shared network. The local head (FedPer/FedRep-style personalisation) is
+one such entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -19,6 +20,9 @@ from shared.registry import Registry
 
 LOCAL_NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm,
+)
+CONV_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
 
 T = TypeVar("T")
@@ -63,6 +67,9 @@ class AdaptedNetwork(nn.Module):
 Selector = Callable[[nn.Module], bool]
 """Decides whether a module's parameters stay at the site."""
 
+Picker = Callable[[nn.Module], Iterable[nn.Module]]
+"""Chooses modules of a whole network (for a choice that depends on their position)."""
+
 
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, LOCAL_NORM_TYPES)
@@ -70,6 +77,28 @@ def _is_norm(module: nn.Module) -> bool:
 
 def _is_adapter(module: nn.Module) -> bool:
     return isinstance(module, InputAdapter)
+
+
+def segmentation_head(net: nn.Module) -> list[nn.Module]:
+    """Return the convolutions at the end of ``net`` that output class-score maps.
+
+    Walking the convolutions backwards in registration order (which is their order
+    in the forward pass for every network of :data:`shared.networks.NETWORKS`), the
+    head is the trailing run as wide as the last one, i.e. ``num_classes`` wide:
+    MONAI UNet's last up-sampling convolution (features to class maps) and its
+    final convolution; BasicUNet's and SegResNet's final 1x1 convolution. The
+    normalisation between them stays shared (``local-norm`` keeps norms local).
+    """
+    convs = [m for m in net.modules() if isinstance(m, CONV_TYPES)]
+    if not convs:
+        return []
+    width = convs[-1].out_channels
+    head: list[nn.Module] = []
+    for conv in reversed(convs):
+        if conv.out_channels != width:
+            break
+        head.append(conv)
+    return head[::-1]
 
 
 @dataclass(frozen=True)
@@ -84,11 +113,14 @@ class AdaptationMode:
         A module whose type any of these accepts keeps its parameters at the site.
     input_adapter : bool
         Put a site-local :class:`InputAdapter` in front of the shared network.
+    pick : callable or None
+        Chooses further site-local modules from the whole network.
     """
 
     doc: str
     local: tuple[Selector, ...] = ()
     input_adapter: bool = False
+    pick: Picker | None = None
 
 
 ADAPTATIONS: Registry[AdaptationMode] = Registry("adaptation", {
@@ -99,6 +131,9 @@ ADAPTATIONS: Registry[AdaptationMode] = Registry("adaptation", {
         "a per-site 1x1-convolution input harmoniser (identity at start) in front of the "
         "shared network", (_is_adapter,), input_adapter=True),
     "adapter+local-norm": AdaptationMode("both", (_is_adapter, _is_norm), input_adapter=True),
+    "local-head": AdaptationMode(
+        "the segmentation head: the final convolutions that output class maps "
+        "(FedPer/FedRep-style personalisation)", pick=segmentation_head),
 })
 
 
@@ -116,10 +151,18 @@ def adapt(net: nn.Module, mode: str, in_channels: int, spatial_dims: int) -> nn.
 
 def local_parameter_names(net: nn.Module, mode: str) -> frozenset[str]:
     """Return the names (as in ``net.state_dict()``) of the site-local parameters."""
-    selectors = ADAPTATIONS[mode].local
+    entry = ADAPTATIONS[mode]
+    return module_parameter_names(net, entry.local, entry.pick)
+
+
+def module_parameter_names(net: nn.Module, selectors: Iterable[Selector],
+                           pick: Picker | None = None) -> frozenset[str]:
+    """Return the parameter names of the modules ``selectors`` accept or ``pick`` chooses."""
+    selectors = tuple(selectors)
+    picked = {id(m) for m in pick(net)} if pick is not None else set()
     names: set[str] = set()
     for module_name, module in net.named_modules():
-        if not any(select(module) for select in selectors):
+        if id(module) not in picked and not any(select(module) for select in selectors):
             continue
         prefix = f"{module_name}." if module_name else ""
         names.update(prefix + name for name, _ in module.named_parameters())

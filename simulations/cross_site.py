@@ -3,7 +3,8 @@
 In a deployment a site's images and its own layers never leave it, so only the
 simulation, which holds every site's folder and state, can fill the site x model
 matrix. A site deploys the final global model with its own layers (adaptation
-modes); without site-local layers every site deploys the same global model.
+modes), or its personal model (personalisation); without either every site deploys
+the same global model.
 Besides Dice (the training metric) the 95th-percentile Hausdorff distance and the
 average surface distance, from MONAI's metrics, in voxels (pixels for 2D).
 """
@@ -102,12 +103,13 @@ def cross_site_evaluation(run_dir: Path, sites: Sequence[SiteConfig]) -> dict[st
     checkpoint = Checkpoint.load(files.final_model)
     spec = checkpoint.spec
     data = {site.site_name: SiteData.load(site, spec) for site in sites}
-    owners = list(sites) if spec.adaptation != "none" else [sites[0]]
+    own = spec.adaptation != "none" or spec.personalization != "none"
+    owners = list(sites) if own else [sites[0]]
     models: list[tuple[str, Predictor]] = []
     for owner in owners:
-        # The owner's trainer loads its own layers from its state folder.
+        # The owner's trainer loads its own layers and personal model from its state folder.
         trainer = SiteTrainer(owner, spec, data[owner.site_name])
-        name = f"{owner.site_name} deployed" if spec.adaptation != "none" else "global"
+        name = f"{owner.site_name} deployed" if own else "global"
         models.append((name, partial(trainer.predict, checkpoint.weights)))
     return {**cross_site_matrix(models, data, spec.num_classes),
             "round": checkpoint.server_round}

@@ -13,10 +13,14 @@ from benchmarks.federation import (
     METHODS,
     MethodRun,
     acceptance,
+    budget_notes,
     main,
+    method_steps,
+    method_values,
     summarise,
 )
 from shared.partition import ADAPTATIONS
+from shared.personalization import PERSONALIZATIONS
 from simulations.phantoms import write_synthetic_federation
 
 TINY = ["--rounds", "1", "--local-steps", "2", "--run-config", "channels='8,16' batch-size=2"]
@@ -39,6 +43,24 @@ def _run(dice: dict[str, float], steps: dict[str, int]) -> MethodRun:
 def test_every_site_local_mode_is_a_method() -> None:
     assert METHODS[:4] == ("local-only", "pooled", "fedavg", "fedprox")
     assert {m for m in ADAPTATIONS if m != "none"} <= set(FEDERATED)
+    assert {m for m in PERSONALIZATIONS if m != "none"} <= set(FEDERATED)
+    assert "local-head" in FEDERATED
+
+
+def test_ditto_splits_the_budget_and_finetune_states_its_extra_steps() -> None:
+    values = {"local-steps": 7, "finetune-steps": 5}
+    assert method_values("ditto", values, 7) == {
+        "local-steps": 3, "finetune-steps": 5, "strategy": "fedavg", "personalization": "ditto"}
+    assert method_values("finetune", values, 7)["local-steps"] == 7
+    assert method_steps("ditto", 4, 8) == method_steps("fedavg", 4, 8) == 32
+    assert method_steps("ditto", 4, 7) == 24 and method_steps("finetune", 4, 7) == 28
+    notes = budget_notes(["fedavg", "ditto", "finetune"], values, 4, 7)
+    assert notes == {
+        "ditto": "each round 3 steps of the global model + 3 of the personal one = 24 steps per "
+                 "site (one fewer per round than the others: local-steps is odd)",
+        "finetune": "+ 5 fine-tuning steps of a copy of the global model before each "
+                    "evaluation, not counted above; the deployed model has had the budget + 5",
+    }
 
 
 def test_summary_is_mean_and_sample_std_over_seeds_and_differences_per_site() -> None:
@@ -111,3 +133,17 @@ def test_federated_method_takes_the_same_steps_per_site(data: Path, tmp_path: Pa
     assert fedavg["vs_local_only"].keys() == {"site-a", "site-b", "mean"}
     assert len(fedavg["per_round"]["mean"]) == 1
     assert "### fedavg" in (out / "federation.md").read_text()
+
+
+@pytest.mark.e2e
+def test_ditto_takes_the_budget_in_two_halves(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    assert main(["--data", str(data), "--seeds", "1", "--methods", "ditto",
+                 "--output", str(out), *TINY]) == 0
+    report = json.loads((out / "federation.json").read_text())
+    assert report["runs"]["ditto"][0]["steps"] == {"site-a": 2, "site-b": 2}
+    assert report["equal_steps"]
+    assert report["summary"]["ditto"]["cross_site"]["models"] == [
+        "site-a deployed", "site-b deployed"]
+    assert "- ditto: each round 1 steps of the global model + 1 of the personal one" in (
+        out / "federation.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -9,8 +10,11 @@ import numpy as np
 import pytest
 
 from client.data_contract import discover_cases, load_case
+from client.personal import FILE_NAME as PERSONAL_FILE
+from client.predict import load_site_network
 from server.history import MetricsHistory
 from shared.checkpoint import Checkpoint
+from shared.run_files import RunFiles
 from simulations.simulate import SimulationRequest, run_simulation
 
 pytestmark = pytest.mark.e2e
@@ -63,3 +67,23 @@ def test_3d_federation_on_nifti_volumes(tmp_path: Path) -> None:
     model = Checkpoint.load(outcome.final_model)
     assert model.spec.spatial_dims == 3
     assert any(w.ndim == 5 for w in model.weights.values())  # 3D convolution kernels
+
+
+def test_finetune_federation_deploys_each_sites_fine_tune(tmp_path: Path) -> None:
+    outcome = run_simulation(
+        SimulationRequest(num_sites=2, cases_per_site=6, synthetic_size=32, output=tmp_path,
+                          overrides={"num-server-rounds": 2, "local-steps": 2,
+                                     "channels": "8,16", "patch-size": "32,32",
+                                     "personalization": "finetune", "finetune-steps": 2}),
+        echo=lambda line: None,
+    )
+    history = MetricsHistory.read(outcome.metrics_json)
+    assert all(s.val_dice is not None and s.train_steps == 2
+               for r in history.rounds for s in r.sites)
+    cross = json.loads(RunFiles(outcome.run_dir).cross_site_json.read_text())
+    assert cross["models"] == ["site-a deployed", "site-b deployed"]
+    for name in ("site-a", "site-b"):
+        # The site's last fine-tune is of the final model: fedseg predict deploys it.
+        state = outcome.run_dir / "site-state" / name
+        site_net = load_site_network(outcome.final_model, state)
+        assert site_net.personal and (state / PERSONAL_FILE).is_file()
