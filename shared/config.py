@@ -163,6 +163,13 @@ class TrainPlan:
                                 "proximal term", minimum=0.0, wire="proximal-mu")
     seed: int = integer("seed", 0, "seed of the initial weights; sites mix in the round number "
                         "and their own seed", wire="seed")
+    dp_augmentations: int = integer(
+        "dp-augmentations", 4, "augmented patches per sampled patient under DP-SGD, averaged "
+        "before clipping (no extra privacy cost)", minimum=1, wire="dp-augmentations")
+    dp_learning_rate: float = number(
+        "dp-learning-rate", 0.5, "peak learning rate of DP-SGD's optimiser (SGD with momentum "
+        "0.9) under DP; learning-rate is Adam's", minimum=0.0, exclusive_minimum=True,
+        wire="dp-learning-rate")
     uniform_weights: bool = flag(None, False, "weight every site's update equally (central DP)",
                                  wire="uniform-weights")
 
