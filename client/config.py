@@ -78,8 +78,8 @@ class SiteConfig:
                      "(also under DP-SGD), else float16 with loss scaling (not under DP-SGD)")
     seed: int = integer("seed", 0, "site seed, mixed with the round number for local training")
     dp_grad_sample_mode: str = choice(
-        "dp-grad-sample-mode", "vmap", "how DP-SGD computes each patient's gradient: `vmap` "
-        "(torch.func, fastest measured), or Opacus's `hooks`, `functorch`, `ew`",
+        "dp-grad-sample-mode", "vmap", "how DP-SGD computes each patient's gradient (`vmap`: "
+        "torch.func, the fastest measured; the others are Opacus's grad-sample modes)",
         choices=GRAD_SAMPLE_MODES)
     privacy: SitePrivacy = section(SitePrivacy)
 

@@ -46,11 +46,22 @@ def trainable(net: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in net.named_parameters() if p.requires_grad}
 
 
+def grad_sample(p: nn.Parameter) -> torch.Tensor:
+    """Return ``p.grad_sample``, the attribute Opacus reads per-sample gradients from."""
+    value: torch.Tensor = getattr(p, "grad_sample")  # noqa: B009 - set at run time
+    return value
+
+
+def set_grad_sample(p: nn.Parameter, value: torch.Tensor | None) -> None:
+    """Set ``p.grad_sample`` for Opacus's ``DPOptimizer``."""
+    setattr(p, "grad_sample", value)  # noqa: B010 - Opacus's run-time attribute
+
+
 def _empty(params: dict[str, nn.Parameter]) -> torch.Tensor:
     # An empty Poisson batch: no unit contributes, but the step (noise only) still
     # happens, as the accountant assumes; Opacus clips a zero-length grad_sample.
     for p in params.values():
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        set_grad_sample(p, torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device))
     return torch.zeros(0)
 
 
@@ -72,14 +83,15 @@ def _vmap(net: nn.Module, precision: Precision) -> UnitGradients:
             return _empty(params)
         grads, losses = per_unit({n: p.detach() for n, p in params.items()}, images, labels)
         for name, p in params.items():
-            p.grad_sample = grads[name]
+            set_grad_sample(p, grads[name])
         return losses.detach()
 
     return compute
 
 
 @contextmanager
-def _expected_hook_warning() -> Iterator[None]:
+def expected_hook_warning() -> Iterator[None]:
+    """Silence PyTorch's one expected warning about Opacus's backward hooks."""
     # The network's input never requires a gradient, so PyTorch warns on every step
     # that Opacus's full backward hook on the first layer fires for outputs only.
     # That is how Opacus works; its other warnings (unsupported layers) stay visible.
@@ -103,17 +115,17 @@ def _opacus(mode: str) -> Callable[[nn.Module, Precision], UnitGradients]:
             units, draws = images.shape[:2]
             if units == 0:
                 return _empty(params)
-            with _expected_hook_warning():
+            with expected_hook_warning():
                 with precision():
                     logits = model(images.flatten(0, 1))
                 losses = patch_losses(logits.float(), labels.flatten(0, 1))
                 # Each patch weighs 1/K: a unit's K rows then sum to its mean loss's gradient.
                 (losses.sum() / draws).backward()
             for p in params.values():
-                p.grad_sample = p.grad_sample.view(units, draws, *p.shape).sum(1)
+                set_grad_sample(p, grad_sample(p).view(units, draws, *p.shape).sum(1))
             return losses.detach().view(units, draws).mean(1)
 
-        return build
+        return compute
 
     return build
 
