@@ -10,7 +10,6 @@ process of a simulation).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from shared.privacy import Mechanism, Step
@@ -38,6 +37,12 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
                                       accountant=mechanism))
 
 
-def sample_rate(batch_size: int, num_cases: int) -> float:
-    """Return Poisson sampling's per-case rate, as Opacus derives it from a DataLoader."""
-    return 1.0 / math.ceil(num_cases / batch_size)
+def sample_rate(expected_batch: int, num_units: int) -> float:
+    """Return Poisson sampling's rate over ``num_units`` units (patients).
+
+    Each unit is in a batch with this probability, independently, so a batch holds
+    ``expected_batch`` units on average (every unit, at most).
+    """
+    if num_units < 1:
+        raise ValueError("Poisson sampling needs at least one unit")
+    return min(1.0, expected_batch / num_units)

@@ -71,7 +71,7 @@ def _intensity() -> list[Any]:
 
 
 class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """One augmented patch per case and draw: the case stays the sampling unit (DP).
+    """One augmented patch of a case per draw (:class:`UnitDataset` groups them).
 
     Parameters
     ----------
@@ -120,3 +120,44 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         image = torch.as_tensor(np.asarray(out["image"]), dtype=torch.float32)
         label = torch.as_tensor(np.asarray(out["label"]), dtype=torch.int64)
         return image.contiguous(), label.contiguous()
+
+
+class UnitDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Sampling units: item ``u`` is ``draws`` augmented patches of unit ``u``'s cases.
+
+    Under DP-SGD a unit is a patient and ``draws`` is the augmentation
+    multiplicity: Poisson sampling picks patients, and all of a patient's patches
+    give one gradient together, so a patient with two scans is protected as one
+    person. Plain training uses one unit per case and one draw.
+
+    Parameters
+    ----------
+    patches : PatchDataset
+        The cases' patches, already seeded for the round.
+    units : sequence of sequence of int
+        Each unit's case indices into ``patches``; none may be empty.
+    draws : int
+        Patches per unit and item: the unit's cases in turn, from a random one,
+        so every case of a unit is drawn when ``draws`` is at least their number.
+    seed : int
+        Seed of the starting case of each draw.
+    """
+
+    def __init__(self, patches: PatchDataset, units: Sequence[Sequence[int]], draws: int,
+                 seed: int) -> None:
+        if draws < 1 or any(not cases for cases in units):
+            raise ValueError("UnitDataset needs draws >= 1 and at least one case per unit")
+        self.patches = patches
+        self.units = [tuple(cases) for cases in units]
+        self.draws = draws
+        self.rng = np.random.default_rng(seed % (2 ** 32))
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cases = self.units[index]
+        first = int(self.rng.integers(len(cases))) if len(cases) > 1 else 0
+        pairs = [self.patches[cases[(first + j) % len(cases)]] for j in range(self.draws)]
+        return (torch.stack([image for image, _ in pairs]),
+                torch.stack([label for _, label in pairs]))

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from client.private_gradients import GRAD_SAMPLE_MODES
 from shared import settings
 from shared.privacy import SitePrivacy
 from shared.settings import (
     NODE_CONFIG,
     Source,
     check,
+    choice,
     flag,
     integer,
     number,
@@ -73,8 +75,13 @@ class SiteConfig:
                                 shown_default="none")
     num_threads: int = integer("num-threads", 0, "CPU threads for PyTorch; 0 keeps its default",
                                minimum=0)
-    amp: bool = flag("amp", False, "mixed precision on CUDA (off under DP-SGD)")
+    amp: bool = flag("amp", False, "mixed precision on CUDA: bfloat16 where the GPU has it "
+                     "(also under DP-SGD), else float16 with loss scaling (not under DP-SGD)")
     seed: int = integer("seed", 0, "site seed, mixed with the round number for local training")
+    dp_grad_sample_mode: str = choice(
+        "dp-grad-sample-mode", "vmap", "how DP-SGD computes each patient's gradient (`vmap`: "
+        "torch.func, the fastest measured; the others are Opacus's grad-sample modes)",
+        choices=GRAD_SAMPLE_MODES)
     privacy: SitePrivacy = section(SitePrivacy)
 
     def __post_init__(self) -> None:

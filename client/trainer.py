@@ -8,23 +8,25 @@ learning code is tested once and behaves the same everywhere.
 from __future__ import annotations
 
 import copy
+import logging
 import math
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
 from client.accounting import calibrate_noise, sample_rate
-from client.augment import PatchDataset
+from client.augment import PatchDataset, UnitDataset
 from client.config import SiteConfig
 from client.data_contract import LoadedCase, site_split
 from client.inference import Tiling, predict_classes, resolve_device
+from client.losses import patch_losses
 from client.personal import (
     PersonalStore,
     anchor_of,
@@ -35,6 +37,13 @@ from client.personal import (
 )
 from client.preprocess import prepared_case
 from client.privacy_ledger import PrivacyLedger
+from client.private_gradients import (
+    GRAD_SAMPLE_MODES,
+    Precision,
+    PrivateStep,
+    UnitGradients,
+    trainable,
+)
 from client.proximal import proximal_term
 from client.site_state import load_local_layers, save_local_layers
 from shared.config import ModelSpec, TrainPlan
@@ -49,6 +58,22 @@ from shared.trainable import trainable_names
 from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Gradient(Protocol):
+    """How one batch becomes ``p.grad``: the only part plain and DP-SGD training differ in."""
+
+    rate_key: str  # the run-config key of the learning rate its optimiser uses
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Fill ``p.grad`` from the batch; return its mean loss (``None`` if it was empty)."""
+
+
+log = logging.getLogger("fedseg.client")
+
+# Measured on Shenzhen at epsilon 8 (README, Differential privacy): SGD with momentum
+# beat Adam, whose steps under DP follow the noise it divides by.
+DP_MOMENTUM = 0.9
 
 
 @dataclass(frozen=True)
@@ -135,7 +160,7 @@ class SiteTrainer:
             torch.set_num_threads(site.num_threads)
         self.data = data if data is not None else SiteData.load(site, spec)
         self.net = build_network(spec).to(self.device)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self._warned_amp = False
         self._dataset: PatchDataset | None = None
         self.local_names = local_parameter_names(self.net, spec.adaptation)
         # What the last round trained (dp-trainable); None: every parameter.
@@ -200,15 +225,32 @@ class SiteTrainer:
             self._dataset.reseed(seed)
         return self._dataset
 
-    def steps_for(self, plan: TrainPlan) -> int:
-        """Return the number of optimiser steps ``plan`` asks for at this site."""
+    def steps_for(self, plan: TrainPlan, units: int | None = None) -> int:
+        """Return the optimiser steps ``plan`` asks for at this site.
+
+        ``local_epochs`` counts passes over ``units`` sampling units: the training
+        cases by default, the training patients under DP-SGD.
+        """
         if plan.local_steps:
             return plan.local_steps
-        return plan.local_epochs * math.ceil(self.num_train_cases / plan.batch_size)
+        count = self.num_train_cases if units is None else units
+        return plan.local_epochs * math.ceil(count / plan.batch_size)
+
+    def patient_units(self) -> list[list[int]]:
+        """Return each training patient's case indices: DP-SGD's sampling units."""
+        by_patient: dict[str, list[int]] = {}
+        for index, case in enumerate(self.data.train):
+            by_patient.setdefault(case.patient_id, []).append(index)
+        return [by_patient[p] for p in sorted(by_patient)]
 
     def train(self, global_weights: NDArrays, plan: TrainPlan,
               privacy: PrivacySettings | None = None) -> TrainResult:
         """Run one round of local training from ``global_weights``.
+
+        Plain training and DP-SGD run the same loop (:meth:`_optimise`); they differ
+        in how a batch becomes a gradient and in what is sampled: cases in shuffled
+        batches, or patients by Poisson sampling, each giving ``dp_augmentations``
+        patches whose mean gradient is clipped as one.
 
         Parameters
         ----------
@@ -233,66 +275,40 @@ class SiteTrainer:
         received = anchor_of(self.net) if self.personal.trains_personal else None
         seed = _mix_seed(plan.seed, self.site.seed, plan.server_round)
         torch.manual_seed(seed)
-        dataset = self._patches(seed)
-        loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed))
         if privacy is not None:
-            return self._train_private(loader, plan, privacy)
-        anchor = {n: p.detach().clone() for n, p in self.net.named_parameters()}
-        optimiser = _optimiser(_trained(self.net), plan)
-        use_amp = self.site.amp and self.device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-        self.net.train()
-        losses: list[float] = []
+            # Locked from reading the spent epsilon until this round's steps are saved:
+            # two rounds at once would otherwise both start from the old spending and
+            # the later save would drop the other's steps.
+            with PrivacyLedger.locked(self.site.state_dir) as ledger:
+                return self._train_private(ledger, plan, privacy, seed)
+        units = UnitDataset(self._patches(seed), [[i] for i in range(self.num_train_cases)],
+                            1, seed)
+        loader = DataLoader(units, batch_size=plan.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        params = trainable(self.net)
+        optimiser = _optimiser(params.values(), plan)
+        autocast, scaler = self._precision(private=False)
+        gradient = PlainGradient(self.net, optimiser, autocast, scaler)
         steps = self.steps_for(plan)
-        for step, (images, labels) in enumerate(_batches(loader, steps)):
-            _set_learning_rate(optimiser, plan, step, steps)
-            images = images.to(self.device)
-            labels = labels.to(self.device)
-            optimiser.zero_grad(set_to_none=True)
-            autocast = (torch.autocast("cuda", dtype=torch.float16) if use_amp
-                        else nullcontext())
-            with autocast:
-                loss = self.loss_fn(self.net(images), labels)
-            if plan.proximal_mu > 0:
-                loss = loss + plan.proximal_mu / 2 * proximal_term(
-                    self.net.named_parameters(), anchor)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"site {self.site.site_name}: training loss became {loss.item()} in "
-                    f"round {plan.server_round}; lower learning-rate in the run config"
-                )
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            losses.append(float(loss.detach()))
+        losses = self._optimise(self.net, loader, steps, plan, optimiser, gradient, scaler)
         self._save_local()
-        personal_steps = 0 if received is None else self._train_ditto(received, loader, plan)
+        personal_steps = 0 if received is None else self._train_ditto(received, plan, seed)
         return TrainResult(
-            weights=self.sent_weights(),
-            num_examples=self.num_train_cases,
-            train_loss=float(np.mean(losses)),
+            weights=self.sent_weights(), num_examples=self.num_train_cases,
+            train_loss=_mean(losses),
             # Ditto's personal steps count too: the site's compute, honestly reported.
-            steps=len(losses) + personal_steps,
+            steps=steps + personal_steps,
         )
 
-    def _train_private(self, loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
-                       plan: TrainPlan, privacy: PrivacySettings) -> TrainResult:
-        """DP-SGD with Opacus: Poisson-sampled cases, per-case clipping, Gaussian noise."""
-        # Locked from reading the spent epsilon until this round's steps are saved:
-        # two rounds at once would otherwise both start from the old spending and the
-        # later save would drop the other's steps.
-        with PrivacyLedger.locked(self.site.state_dir) as ledger:
-            return self._train_private_locked(ledger, loader, plan, privacy)
+    def _train_private(self, ledger: PrivacyLedger, plan: TrainPlan, privacy: PrivacySettings,
+                       seed: int) -> TrainResult:
+        """DP-SGD: Poisson-sampled patients, one clipped gradient each, Gaussian noise.
 
-    def _train_private_locked(self, ledger: PrivacyLedger,
-                              loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
-                              plan: TrainPlan, privacy: PrivacySettings) -> TrainResult:
-        """Run the DP round itself; the caller holds the ledger's lock."""
-        from opacus import PrivacyEngine
-
-        rate = sample_rate(plan.batch_size, self.num_train_cases)
-        steps = self.steps_for(plan)
+        The caller holds the ledger's lock.
+        """
+        units = self.patient_units()
+        rate = sample_rate(plan.batch_size, len(units))
+        steps = self.steps_for(plan, len(units))
         noise = privacy.noise_multiplier
         if noise == 0:
             if ledger.calibrated_noise is None:
@@ -311,29 +327,31 @@ class SiteTrainer:
                 refused=(f"round {plan.server_round} would raise epsilon from {spent:.3f} to "
                          f"{projected:.3f}, above this site's maximum {privacy.max_epsilon:g}"),
             )
-        # A private copy gets Opacus's hooks; the site's network stays unwrapped, so
-        # parameter names are the same with and without DP.
+        dataset = UnitDataset(self._patches(seed), units, plan.dp_augmentations, seed)
+        # Poisson sampling of patients: each is in a batch with probability `rate`,
+        # independently, for exactly `steps` batches (some may be empty).
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(units), sample_rate=rate, steps=steps,
+            generator=torch.Generator().manual_seed(seed))
+        shape = self._unit_shape(plan.dp_augmentations)
+        loader = DataLoader(dataset, batch_sampler=sampler,
+                            collate_fn=lambda items: _collate_units(items, shape))
+        # A private copy carries Opacus's per-sample state; the site's network stays
+        # clean, so parameter names are the same with and without DP.
         net = copy.deepcopy(self.net)
-        net.train()
-        optimiser = _optimiser(_trained(net), plan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Opacus warns about secure RNG on every call
-            engine = PrivacyEngine(accountant=privacy.accountant)
-            dp_net, dp_optimiser, dp_loader = engine.make_private(
-                module=net, optimizer=optimiser, data_loader=loader, noise_multiplier=noise,
-                max_grad_norm=privacy.max_grad_norm, poisson_sampling=True)
-        losses: list[float] = []
-        taken = 0
-        for images, labels in _batches(dp_loader, steps):
-            _set_learning_rate(dp_optimiser, plan, taken, steps)
-            taken += 1  # an empty Poisson batch is still a sampling step to account for
-            if images.shape[0] == 0:
-                continue
-            dp_optimiser.zero_grad(set_to_none=True)
-            loss = self.loss_fn(dp_net(images.to(self.device)), labels.to(self.device))
-            loss.backward()
-            dp_optimiser.step()
-            losses.append(float(loss.detach()))
+        params = trainable(net)
+        private = PrivateStep.wrap(
+            _private_optimiser(params.values(), plan), noise_multiplier=noise,
+            max_grad_norm=privacy.max_grad_norm, expected_units=rate * len(units),
+            sample_rate=rate, accountant=privacy.accountant)
+        autocast, scaler = self._precision(private=True)
+        per_unit = GRAD_SAMPLE_MODES[self.site.dp_grad_sample_mode](net, autocast)
+        gradient = PrivateGradient(per_unit, private)
+        losses = self._optimise(net, loader, steps, plan, private.optimiser.original_optimizer,
+                                gradient, scaler)
+        taken = private.steps()
+        if taken != steps:
+            raise RuntimeError(f"Opacus's accountant counted {taken} steps, the loop {steps}")
         # The ledger first: a crash before its save then leaves nothing of this round at
         # the site, neither on disk nor in memory, and one after it over-counts (the safe
         # side). Saved after them, local layers trained by uncounted steps could leak
@@ -344,20 +362,92 @@ class SiteTrainer:
         self._save_local()
         return TrainResult(
             weights=self.sent_weights(), num_examples=self.num_train_cases,
-            train_loss=float(np.mean(losses)) if losses else float("nan"), steps=taken,
-            epsilon=epsilon, delta=privacy.delta,
+            train_loss=_mean(losses), steps=taken, epsilon=epsilon, delta=privacy.delta,
         )
 
-    def _train_ditto(self, received: dict[str, torch.Tensor],
-                     loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
-                     plan: TrainPlan) -> int:
+    def _optimise(self, net: torch.nn.Module, batches: Iterable[Batch], steps: int,
+                  plan: TrainPlan, optimiser: torch.optim.Optimizer, gradient: Gradient,
+                  scaler: torch.amp.GradScaler) -> list[float]:
+        """Run the one training loop, for plain training and DP-SGD alike.
+
+        Per step: the learning rate of the run's schedule, the batch's gradient
+        (``gradient``: plain backward, or DP-SGD's clipped and noised per-unit
+        gradients), the non-finite-loss guard, FedProx's pull towards the round's
+        start, and the optimiser step. An empty Poisson batch is still a step: its
+        gradient is the noise alone.
+
+        Returns
+        -------
+        list of float
+            The loss of every non-empty batch (FedProx's term included).
+        """
+        params = trainable(net)
+        mu = plan.proximal_mu
+        anchor = {n: p.detach().clone() for n, p in params.items()} if mu > 0 else {}
+        net.train()
+        losses: list[float] = []
+        for step, (images, labels) in enumerate(_batches(batches, steps)):
+            _set_learning_rate(optimiser, plan, step, steps)
+            loss = gradient(images.to(self.device), labels.to(self.device))
+            if loss is not None:
+                value = float(loss)
+                if anchor:
+                    with torch.no_grad():
+                        value += mu / 2 * float(proximal_term(params.items(), anchor))
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"site {self.site.site_name}: training loss became {value} in round "
+                        f"{plan.server_round}; lower {gradient.rate_key} in the run config")
+                losses.append(value)
+            if anchor:
+                # FedProx's term is data-independent: its gradient mu * (w - w_global)
+                # is added after clipping and noise, so it costs no privacy.
+                with torch.no_grad():
+                    for name, p in params.items():
+                        if p.grad is not None:
+                            p.grad.add_(p - anchor[name], alpha=mu)
+            scaler.step(optimiser)
+            scaler.update()
+        return losses
+
+    def _unit_shape(self, draws: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Return the shapes of one unit's images and labels: ``(draws, C, *patch)``."""
+        patch = self.spec.patch_size
+        return (draws, self.spec.in_channels, *patch), (draws, 1, *patch)
+
+    def _precision(self, private: bool) -> tuple[Precision, torch.amp.GradScaler]:
+        """Return the autocast context and loss scaler of ``site.amp`` for this round.
+
+        bfloat16 where the GPU has it: no loss scaling, so DP-SGD sees true per-unit
+        gradients and no step is skipped. Without bfloat16, float16 needs a loss
+        scaler whose overflow-skipped steps depend on the data and whose scaled
+        per-unit gradients Opacus would clip at the wrong norm: plain training uses
+        it, DP-SGD trains in float32 and says why once.
+        """
+        off = torch.amp.GradScaler("cuda", enabled=False)
+        if not (self.site.amp and self.device.type == "cuda"):
+            return nullcontext, off
+        if torch.cuda.is_bf16_supported():
+            return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), off
+        if private:
+            if not self._warned_amp:
+                log.warning("amp is off under DP-SGD: this GPU has no bfloat16, and float16's "
+                            "loss scaling would skip steps on overflow and scale the "
+                            "per-patient gradients Opacus clips")
+                self._warned_amp = True
+            return nullcontext, off
+        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+
+    def _train_ditto(self, received: dict[str, torch.Tensor], plan: TrainPlan, seed: int) -> int:
         """Train the personal model as many steps as the global one; return the steps."""
         net = self.personal_models.get(self.net)
         if net is None:  # Ditto starts the personal model from the global one
             net = copy.deepcopy(self.net)
             net.load_state_dict(received, strict=False)
         steps = self.steps_for(plan)
-        fit(net, _batches(loader, steps), _optimiser(net.parameters(), plan), self.loss_fn,
+        loader = DataLoader(self._patches(seed), batch_size=plan.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        fit(net, _batches(loader, steps), _optimiser(net.parameters(), plan), _mean_loss,
             self.device, partial(_rate, plan, steps=steps), received, plan.ditto_lambda)
         self.personal_models.keep(net, plan.server_round)
         return steps
@@ -371,7 +461,7 @@ class SiteTrainer:
                             generator=torch.Generator().manual_seed(seed))
         rate = plan.learning_rate * plan.finetune_lr_factor
         fit(net, _batches(loader, plan.finetune_steps),
-            _optimiser([p for p in net.parameters() if p.requires_grad], plan), self.loss_fn,
+            _optimiser([p for p in net.parameters() if p.requires_grad], plan), _mean_loss,
             self.device, lambda step: rate)
         self.personal_models.keep(net, plan.server_round, weights_digest(weights))
         return net
@@ -418,11 +508,6 @@ class SiteTrainer:
         return predict_classes(self.deployed(weights), image, Tiling.of(self.spec), self.device)
 
 
-def _trained(net: torch.nn.Module) -> list[torch.nn.Parameter]:
-    # Frozen parameters stay out of the optimiser: AdamW's weight decay must not move them.
-    return [p for p in net.parameters() if p.requires_grad]
-
-
 def _optimiser(params: Iterable[torch.nn.Parameter], plan: TrainPlan) -> torch.optim.Optimizer:
     """Return the local optimiser: AdamW with ``plan.weight_decay`` > 0, else plain Adam."""
     if plan.weight_decay > 0:
@@ -430,10 +515,77 @@ def _optimiser(params: Iterable[torch.nn.Parameter], plan: TrainPlan) -> torch.o
     return torch.optim.Adam(params, lr=plan.learning_rate)
 
 
+def _private_optimiser(params: Iterable[torch.nn.Parameter],
+                       plan: TrainPlan) -> torch.optim.Optimizer:
+    """Return the optimiser DP-SGD's noisy gradients drive: SGD with momentum."""
+    return torch.optim.SGD(params, lr=plan.dp_learning_rate, momentum=DP_MOMENTUM,
+                           weight_decay=plan.weight_decay)
+
+
+class PlainGradient:
+    """Plain training's gradient of a batch: the mean patch loss, backpropagated."""
+
+    rate_key = "learning-rate"  # the run-config key of its optimiser's learning rate
+
+    def __init__(self, net: torch.nn.Module, optimiser: torch.optim.Optimizer,
+                 autocast: Precision, scaler: torch.amp.GradScaler) -> None:
+        self.net = net
+        self.optimiser = optimiser
+        self.autocast = autocast
+        self.scaler = scaler
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Backpropagate the batch's mean loss into ``p.grad``; return that loss."""
+        self.optimiser.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits = self.net(images.flatten(0, 1))
+        loss = patch_losses(logits.float(), labels.flatten(0, 1)).mean()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimiser)  # true gradients, so FedProx's term adds to them
+        return loss.detach()
+
+
+class PrivateGradient:
+    """DP-SGD's gradient of a batch: per-unit gradients, clipped, summed and noised."""
+
+    rate_key = "dp-learning-rate"
+
+    def __init__(self, per_unit: UnitGradients, private: PrivateStep) -> None:
+        self.per_unit = per_unit
+        self.private = private
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Leave the private gradient in ``p.grad``; return the mean unit loss, if any."""
+        self.private.optimiser.zero_grad(set_to_none=True)
+        losses = self.per_unit(images, labels)
+        # Clip each unit's gradient, sum, add noise, divide by the expected number of
+        # units and count the step; the wrapped optimiser's own step comes after.
+        self.private.optimiser.pre_step()
+        return losses.mean() if losses.numel() else None
+
+
+def _collate_units(items: list[Batch], shape: tuple[tuple[int, ...], tuple[int, ...]]) -> Batch:
+    """Stack units into a batch; an empty Poisson batch keeps the unit's shape."""
+    if not items:
+        return torch.zeros((0, *shape[0])), torch.zeros((0, *shape[1]), dtype=torch.int64)
+    return (torch.stack([image for image, _ in items]),
+            torch.stack([label for _, label in items]))
+
+
+def _mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Return the batch's mean Dice + cross-entropy (the personal model's loss)."""
+    return patch_losses(logits, labels).mean()
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
 def _set_learning_rate(optimiser: torch.optim.Optimizer, plan: TrainPlan, step: int,
                        steps: int) -> None:
-    rate = learning_rate(plan.lr_schedule, plan.learning_rate, plan.server_round, step, steps,
-                         plan.num_rounds)
+    # The schedule scales the peak rate the optimiser was built with (Adam's or DP-SGD's).
+    rate = learning_rate(plan.lr_schedule, optimiser.defaults["lr"], plan.server_round, step,
+                         steps, plan.num_rounds)
     for group in optimiser.param_groups:
         group["lr"] = rate
 

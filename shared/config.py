@@ -150,11 +150,13 @@ class TrainPlan:
     SOURCE: ClassVar[Source] = RUN_CONFIG
 
     server_round: int = integer(None, 1, "round number, from 1", minimum=0, wire="server-round")
-    local_epochs: int = integer("local-epochs", 1, "passes over the site's training cases per "
-                                "round (when local-steps is 0)", minimum=1, wire="local-epochs")
+    local_epochs: int = integer("local-epochs", 1, "passes over the site's training cases "
+                                "(patients under DP-SGD) per round (when local-steps is 0)",
+                                minimum=1, wire="local-epochs")
     local_steps: int = integer("local-steps", 0, "exact local optimiser steps per round; 0: use "
                                "local-epochs", minimum=0, wire="local-steps", planned=True)
-    batch_size: int = integer("batch-size", 8, "cases per local step (one patch each)",
+    batch_size: int = integer("batch-size", 8, "cases per local step (one patch each); under "
+                              "DP-SGD the expected number of patients",
                               minimum=1, wire="batch-size", planned=True)
     learning_rate: float = number("learning-rate", 3e-3, "peak learning rate of the local Adam "
                                   "optimiser", minimum=0.0, exclusive_minimum=True,
@@ -187,6 +189,13 @@ class TrainPlan:
                                        wire="finetune-lr-factor")
     finetune_scope: str = choice("finetune-scope", "all", "parameters a fine-tune may change",
                                  choices=FINETUNE_SCOPES, wire="finetune-scope")
+    dp_augmentations: int = integer(
+        "dp-augmentations", 4, "augmented patches per sampled patient under DP-SGD, averaged "
+        "before clipping (no extra privacy cost)", minimum=1, wire="dp-augmentations")
+    dp_learning_rate: float = number(
+        "dp-learning-rate", 0.01, "peak learning rate of the local optimiser under DP-SGD (SGD "
+        "with momentum 0.9; learning-rate is plain training's Adam)", minimum=0.0,
+        exclusive_minimum=True, wire="dp-learning-rate")
     uniform_weights: bool = flag(None, False, "weight every site's update equally (central DP)",
                                  wire="uniform-weights")
     transfer_dtype: str = choice("transfer-dtype", "float32", "precision of the shared weights "

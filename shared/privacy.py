@@ -1,4 +1,4 @@
-"""Sample-level differential privacy settings: who decides what.
+"""Patient-level differential privacy settings (DP-SGD): who decides what.
 
 The site owns its privacy. The coordinator may *request* DP-SGD and *propose*
 a noise multiplier and clipping norm; :func:`resolve_privacy` combines both so
@@ -52,7 +52,7 @@ class SitePrivacy:
         Gaussian noise std relative to ``max_grad_norm``; 0 means "calibrate from
         ``target_epsilon`` over ``planned_rounds``".
     max_grad_norm : float
-        Per-case gradient clipping norm.
+        Per-patient gradient clipping norm.
     delta : float
         Target delta of the (epsilon, delta) guarantee.
     max_epsilon : float
@@ -72,7 +72,7 @@ class SitePrivacy:
     noise_multiplier: float = number(
         "dp-noise-multiplier", 0.0, "Gaussian noise relative to the clipping norm; 0: "
         "calibrate from dp-target-epsilon over dp-planned-rounds", minimum=0.0)
-    max_grad_norm: float = number("dp-max-grad-norm", 1.0, "per-case gradient clipping norm",
+    max_grad_norm: float = number("dp-max-grad-norm", 1.0, "per-patient gradient clipping norm",
                                   minimum=0.0, exclusive_minimum=True)
     delta: float = number("dp-delta", 1e-5, "delta of the (epsilon, delta) guarantee, "
                           "typically below 1/number of cases", minimum=0.0, maximum=1.0,
@@ -102,12 +102,12 @@ class PrivacyRequest:
 
     SOURCE: ClassVar[Source] = RUN_CONFIG
 
-    enabled: bool = flag("dp", False, "coordinator's request for sample-level DP-SGD at every "
+    enabled: bool = flag("dp", False, "coordinator's request for patient-level DP-SGD at every "
                          "site (see Differential privacy)", wire="dp-requested")
     noise_multiplier: float = number("dp-noise-multiplier", 1.0, "proposed DP-SGD noise "
                                      "multiplier; a site uses the larger of this and its own",
                                      minimum=0.0, wire="dp-noise-multiplier")
-    max_grad_norm: float = number("dp-max-grad-norm", 1.0, "proposed per-case clipping norm; "
+    max_grad_norm: float = number("dp-max-grad-norm", 1.0, "proposed per-patient clipping norm; "
                                   "a site uses the smaller of this and its own", minimum=0.0,
                                   exclusive_minimum=True, wire="dp-max-grad-norm")
 

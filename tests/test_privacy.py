@@ -1,4 +1,4 @@
-"""Sample-level DP-SGD: accounting, persistence across restarts, refusal, site ownership."""
+"""Patient-level DP-SGD: accounting, persistence across restarts, refusal, site ownership."""
 
 from __future__ import annotations
 
