@@ -297,14 +297,15 @@ def _record_late(record: RoundRecord | None, asked: Asked, msg: Message,
                  known: Mapping[int, str]) -> None:
     """Note a reply that came after its deadline against its round; it is never used."""
     note = late_note(asked.phase, msg)
-    log.warning("round %d: node-%s's %s reply came after round-timeout and is not used",
-                asked.server_round, asked.node_id, asked.phase)
+    tag = None if msg.has_error() else msg.content.config_records.get(p.SITE)
+    name = str(tag[p.SITE_NAME]) if tag is not None and p.SITE_NAME in tag else ""
+    name = name or known.get(asked.node_id, "")
+    log.warning("round %d: %s's %s reply came after round-timeout and is not used",
+                asked.server_round, name or f"node-{asked.node_id}", asked.phase)
     # A reply to an abandoned attempt of a retried round has no entry to amend.
     if record is None or record.retries != asked.attempt:
         return
-    tag = None if msg.has_error() else msg.content.config_records.get(p.SITE)
-    name = str(tag[p.SITE_NAME]) if tag is not None and p.SITE_NAME in tag else ""
-    entry = record.site(asked.node_id, name or known.get(asked.node_id, ""))
+    entry = record.site(asked.node_id, name)
     missing = no_reply_note(asked.phase)
     if entry.error and missing in entry.error:
         entry.error = entry.error.replace(missing, note)
