@@ -316,7 +316,7 @@ def vessel_phantom(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     image += rng.uniform(0.005, 0.025) * rng.standard_normal(image.shape)
     image *= fov[..., None]
     # The frame is not exactly black: a camera's dark level, noise and compression.
-    frame = rng.uniform(0.0, 0.04) + rng.uniform(0.0, 0.015) * rng.standard_normal(shape)
+    frame = rng.uniform(0.0, 0.06) + rng.uniform(0.005, 0.03) * rng.standard_normal(shape)
     image += ((1.0 - fov) * np.clip(frame, 0.0, None))[..., None]
     image = np.clip(image, 0.0, 1.0) ** rng.uniform(0.8, 1.25)
     return image.astype(np.float32), label

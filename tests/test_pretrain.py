@@ -72,7 +72,7 @@ def test_lung_phantoms_are_two_lung_fields_darker_than_the_thorax() -> None:
 def test_vessel_phantoms_are_thin_trees_in_a_dark_frame() -> None:
     image, label = vessel_phantom(np.random.default_rng([0, 0]))
     assert image.shape == (VESSEL_SIDE, VESSEL_SIDE, 3) and label.shape == image.shape[:2]
-    assert image[:8, :8].max() < 0.1 and label[:8, :8].max() == 0  # the dark frame
+    assert image[:8, :8].mean() < 0.1 and label[:8, :8].max() == 0  # the dark frame
     fov = image.mean(axis=-1) > 0.03
     assert 0.03 < label[fov].mean() < 0.15
     # Thin: the widest vessel is a few pixels, most are one or two.
