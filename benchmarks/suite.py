@@ -768,22 +768,29 @@ def part_inference(shapes: list[list[int]], repeats: int) -> dict[str, Any]:
     from shared.networks import build_network
 
     rows = []
-    for (name, spec_args), shape in zip(INFERENCE_NETWORKS, shapes, strict=True):
-        spec = ModelSpec(**spec_args)
-        torch.manual_seed(0)
-        net = build_network(spec).eval()
-        image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        device = torch.device("cpu")
-        predict_classes(net, image, spec.patch_size, device)  # warm-up
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            predict_classes(net, image, spec.patch_size, device)
-            times.append(time.perf_counter() - started)
-        rows.append({"case": name, "input_shape": list(shape), "patch_size": list(spec.patch_size),
-                     "channels": list(spec.channels), "median_s": statistics.median(times),
-                     "min_s": min(times), "all_s": times})
-    return {"cases": rows, "torch_threads": torch.get_num_threads(), "device": "cpu"}
+    default = torch.get_num_threads()
+    # fedseg predict runs with PyTorch's default threads; one thread is the figure that
+    # other jobs on the machine disturb least.
+    for threads in sorted({1, default}):
+        torch.set_num_threads(threads)
+        for (name, spec_args), shape in zip(INFERENCE_NETWORKS, shapes, strict=True):
+            spec = ModelSpec(**spec_args)
+            torch.manual_seed(0)
+            net = build_network(spec).eval()
+            image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            device = torch.device("cpu")
+            predict_classes(net, image, spec.patch_size, device)  # warm-up
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                predict_classes(net, image, spec.patch_size, device)
+                times.append(time.perf_counter() - started)
+            rows.append({"case": name, "threads": threads, "input_shape": list(shape),
+                         "patch_size": list(spec.patch_size), "channels": list(spec.channels),
+                         "median_s": statistics.median(times), "min_s": min(times),
+                         "all_s": times})
+    torch.set_num_threads(default)
+    return {"cases": rows, "default_threads": default, "device": "cpu"}
 
 
 def part_throughput(configs: list[tuple[int, str, bool]], steps: tuple[int, int],
@@ -930,13 +937,14 @@ def print_section(name: str, r: dict[str, Any]) -> None:
                  f"{x['peak_processes']} processes") for x in r["runs"]]
         _table(f"scale: {r['network']}", rows)
     elif name == "inference":
-        rows = [(f"{c['case']} {'x'.join(map(str, c['input_shape']))}",
+        rows = [(f"{c['case']} {'x'.join(map(str, c['input_shape']))}, {c['threads']} "
+                 f"thread{'s' if c['threads'] > 1 else ''}",
                  f"{_ms(c['median_s'])} ({_ms(c['min_s'])})") for c in r["cases"]]
         rows += [("fresh process: fedseg predict --help", _s(r["fedseg_predict_help_s"])),
                  ("fresh process: import client.predict", _s(r["import_predict_path_s"]))]
         if r["import_predict_path_s"] is None:
             rows.pop()
-        _table(f"inference: predict path, warm, {r['torch_threads']} threads", rows)
+        _table("inference: predict path, warm (median, fastest in brackets)", rows)
     elif name == "throughput":
         rows = [(f"{x['dims']}D on {x['device']}{' AMP' if x['amp'] else ''}, batch "
                  f"{x['batch_size']} of {'x'.join(map(str, x['patch_size']))}",
