@@ -1015,6 +1015,7 @@ def plot(results: Mapping[str, Any], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     fig, axes = plt.subplots(1, len(panels) + ("scale" in panels), figsize=(5 * (
         len(panels) + ("scale" in panels)), 3.8))
@@ -1029,6 +1030,7 @@ def plot(results: Mapping[str, Any], path: Path) -> Path | None:
         ax.set(xscale="log", yscale="log", xlabel="virtual sites", ylabel="seconds per round",
                title="scale: time per round")
         ax.set_xticks(sites, [str(s) for s in sites])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.legend()
         ax = axes.pop(0)
         ax.plot(sites, [x["peak_rss_gib"] for x in runs], "o-", label="RSS (sum)")
@@ -1037,6 +1039,7 @@ def plot(results: Mapping[str, Any], path: Path) -> Path | None:
         ax.set(xscale="log", xlabel="virtual sites", ylabel="GiB", ylim=(0, None),
                title="scale: peak memory, whole process tree")
         ax.set_xticks(sites, [str(s) for s in sites])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.legend()
     if "startup" in results:
         p = results["startup"]["phases"]
