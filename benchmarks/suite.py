@@ -623,13 +623,17 @@ def section_throughput(budget: Budget) -> dict[str, Any]:
     devices: list[tuple[str, bool]] = [("cpu", False)]
     if torch.cuda.is_available():
         devices += [("cuda", False), ("cuda", True)]
-    runs = run_part("throughput", budget.isolate,
-                    configs=[(dims, device, amp) for dims in (2, 3) for device, amp in devices],
+    # One thread per site is how the simulation runs its sites, and what other jobs on
+    # the machine disturb least; PyTorch's default (0) is how a deployed site runs.
+    configs = [(dims, device, amp, threads) for dims in (2, 3) for device, amp in devices
+               for threads in ((1, 0) if device == "cpu" else (0,))]
+    runs = run_part("throughput", budget.isolate, configs=configs,
                     steps=budget.throughput_steps, cases=budget.throughput_cases)["runs"]
     return {"runs": runs, "notes": [
         "one site's timed round of the preset's local steps (simulate's 2D and --dims 3 "
-        "settings) after a short warm-up round; PyTorch's default threads; cases = steps x "
-        "batch size (one patch each)"]}
+        "settings) after a short warm-up round, with 1 thread (as the simulation runs each "
+        "site) and PyTorch's default (as a deployed site runs); cases = steps x batch size "
+        "(one patch each)"]}
 
 
 # --- parts: measurements that run in a fresh interpreter ------------------------------------
@@ -673,6 +677,9 @@ def part_direct(folders: list[str], overrides: dict[str, Any], state: str) -> di
             "final_mean_dice": dice[-1], "torch_threads": torch.get_num_threads()}
 
 
+IDLE_SECONDS = 5.0
+
+
 def part_floor(sites: int) -> dict[str, Any]:
     """Flower's simulation engine with apps that do nothing: the fixed floor."""
     import logging
@@ -698,6 +705,14 @@ def part_floor(sites: int) -> dict[str, Any]:
                         for node in grid.get_node_ids()]
             list(grid.send_and_receive(messages))
             marks[key] = time.perf_counter()
+        # What the engine burns while nothing happens: Ray's daemons, its workers and the
+        # driver's own threads, over a few idle seconds.
+        before = sum(process_tree(os.getpid())[1].values())
+        time.sleep(IDLE_SECONDS)
+        members, cpu = process_tree(os.getpid())
+        marks["idle_cpu"] = sum(cpu.values()) - before
+        marks["idle_processes"] = len(members)
+        marks["idle_end"] = time.perf_counter()
 
     @client.query()
     def query(msg: Message, context: Any) -> Message:
@@ -717,7 +732,9 @@ def part_floor(sites: int) -> dict[str, Any]:
         "to_server_main_s": marks["server_main"] - begin,
         "to_first_replies_s": marks["first_reply"] - begin,
         "second_round_trip_s": marks["second_reply"] - marks["first_reply"],
-        "teardown_s": end - marks["second_reply"],
+        "idle_cpu_per_s": marks["idle_cpu"] / IDLE_SECONDS,
+        "idle_processes": marks["idle_processes"],
+        "teardown_s": end - marks["idle_end"],
     }
     import ray
 
@@ -768,34 +785,52 @@ def part_inference(shapes: list[list[int]], repeats: int) -> dict[str, Any]:
     from shared.networks import build_network
 
     rows = []
-    for (name, spec_args), shape in zip(INFERENCE_NETWORKS, shapes, strict=True):
-        spec = ModelSpec(**spec_args)
-        torch.manual_seed(0)
-        net = build_network(spec).eval()
-        image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        device = torch.device("cpu")
-        predict_classes(net, image, Tiling.of(spec), device)  # warm-up
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            predict_classes(net, image, Tiling.of(spec), device)
-            times.append(time.perf_counter() - started)
-        rows.append({"case": name, "input_shape": list(shape), "patch_size": list(spec.patch_size),
-                     "channels": list(spec.channels), "median_s": statistics.median(times),
-                     "min_s": min(times), "all_s": times})
-    return {"cases": rows, "torch_threads": torch.get_num_threads(), "device": "cpu"}
+    default = torch.get_num_threads()
+    # fedseg predict runs with PyTorch's default threads; one thread is the figure that
+    # other jobs on the machine disturb least.
+    for threads in sorted({1, default}):
+        torch.set_num_threads(threads)
+        for (name, spec_args), shape in zip(INFERENCE_NETWORKS, shapes, strict=True):
+            spec = ModelSpec(**spec_args)
+            torch.manual_seed(0)
+            net = build_network(spec).eval()
+            image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            device = torch.device("cpu")
+            predict_classes(net, image, Tiling.of(spec), device)  # warm-up
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                predict_classes(net, image, Tiling.of(spec), device)
+                times.append(time.perf_counter() - started)
+            rows.append({"case": name, "threads": threads, "input_shape": list(shape),
+                         "patch_size": list(spec.patch_size), "channels": list(spec.channels),
+                         "median_s": statistics.median(times), "min_s": min(times),
+                         "all_s": times})
+    torch.set_num_threads(default)
+    return {"cases": rows, "default_threads": default, "device": "cpu"}
 
 
-def part_throughput(configs: list[tuple[int, str, bool]], steps: tuple[int, int],
+def part_throughput(configs: list[tuple[int, str, bool, int]], steps: tuple[int, int],
                     cases: tuple[int, int]) -> dict[str, Any]:
-    """Train synthetic sites for a timed round each, per (dims, device, AMP)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return {"runs": [_throughput(dims, device, amp, steps, cases[dims - 2], Path(tmp))
-                         for dims, device, amp in configs]}
+    """Train synthetic sites for a timed round each, per (dims, device, AMP, threads)."""
+    import torch
+
+    default = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = []
+            for dims, device, amp, threads in configs:
+                # 0: PyTorch's default, which an earlier one-thread configuration changed.
+                torch.set_num_threads(threads or default)
+                runs.append(_throughput(dims, device, amp, threads, steps, cases[dims - 2],
+                                        Path(tmp)))
+            return {"runs": runs}
+    finally:
+        torch.set_num_threads(default)
 
 
-def _throughput(dims: int, device: str, amp: bool, steps: tuple[int, int], cases: int,
-                tmp: Path) -> dict[str, Any]:
+def _throughput(dims: int, device: str, amp: bool, threads: int, steps: tuple[int, int],
+                cases: int, tmp: Path) -> dict[str, Any]:
     import torch
 
     from client.config import SiteConfig
@@ -812,7 +847,7 @@ def _throughput(dims: int, device: str, amp: bool, steps: tuple[int, int], cases
     folder = (sorted(root.iterdir()) if root.is_dir()
               else write_synthetic_federation(root, 1, cases, shape=(side,) * dims))[0]
     site = SiteConfig(data_path=folder, state_dir=tmp / f"state-{dims}-{device}-{amp}",
-                      device=device, amp=amp)
+                      device=device, amp=amp, num_threads=threads)
     trainer = SiteTrainer(site, config.model)
     weights = initial_weights(config)
     warmup, timed = steps
@@ -897,6 +932,7 @@ def print_section(name: str, r: dict[str, Any]) -> None:
                 ("floor: trivial apps, launch to replies", _s(f["to_first_replies_s"])),
                 ("floor: of which ray.init alone", _s(f["ray_init_alone_s"])),
                 ("floor: a later round trip", _ms(f["second_round_trip_s"])),
+                ("floor: idle engine's CPU", f"{f['idle_cpu_per_s']:.2f} CPU s per s"),
                 ("floor: teardown", _s(f["teardown_s"])),
                 ("fresh interpreter: import client.app", _s(r["worker_import_client_app_s"])),
             ]
@@ -930,13 +966,14 @@ def print_section(name: str, r: dict[str, Any]) -> None:
                  f"{x['peak_processes']} processes") for x in r["runs"]]
         _table(f"scale: {r['network']}", rows)
     elif name == "inference":
-        rows = [(f"{c['case']} {'x'.join(map(str, c['input_shape']))}",
+        rows = [(f"{c['case']} {'x'.join(map(str, c['input_shape']))}, {c['threads']} "
+                 f"thread{'s' if c['threads'] > 1 else ''}",
                  f"{_ms(c['median_s'])} ({_ms(c['min_s'])})") for c in r["cases"]]
         rows += [("fresh process: fedseg predict --help", _s(r["fedseg_predict_help_s"])),
                  ("fresh process: import client.predict", _s(r["import_predict_path_s"]))]
         if r["import_predict_path_s"] is None:
             rows.pop()
-        _table(f"inference: predict path, warm, {r['torch_threads']} threads", rows)
+        _table("inference: predict path, warm (median, fastest in brackets)", rows)
     elif name == "throughput":
         rows = [(f"{x['dims']}D on {x['device']}{' AMP' if x['amp'] else ''}, batch "
                  f"{x['batch_size']} of {'x'.join(map(str, x['patch_size']))}",
@@ -978,6 +1015,7 @@ def plot(results: Mapping[str, Any], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     fig, axes = plt.subplots(1, len(panels) + ("scale" in panels), figsize=(5 * (
         len(panels) + ("scale" in panels)), 3.8))
@@ -992,6 +1030,7 @@ def plot(results: Mapping[str, Any], path: Path) -> Path | None:
         ax.set(xscale="log", yscale="log", xlabel="virtual sites", ylabel="seconds per round",
                title="scale: time per round")
         ax.set_xticks(sites, [str(s) for s in sites])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.legend()
         ax = axes.pop(0)
         ax.plot(sites, [x["peak_rss_gib"] for x in runs], "o-", label="RSS (sum)")
@@ -1000,6 +1039,7 @@ def plot(results: Mapping[str, Any], path: Path) -> Path | None:
         ax.set(xscale="log", xlabel="virtual sites", ylabel="GiB", ylim=(0, None),
                title="scale: peak memory, whole process tree")
         ax.set_xticks(sites, [str(s) for s in sites])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.legend()
     if "startup" in results:
         p = results["startup"]["phases"]
