@@ -168,9 +168,9 @@ def _coordinator_certs(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     # Before PyTorch loads its OpenMP runtime, which reads this once: waiting threads
-    # sleep instead of spinning. On a machine whose cores are busy with other work,
-    # spinning threads starve the ones computing and a 2-thread prediction took 15x
-    # longer (3.1-4.6 s instead of 0.22-0.28 s for a fundus image at load 8 on 2 cores).
+    # sleep instead of spinning. On cores busy with other work, spinning threads starve
+    # the ones computing: a fundus image took 1.7-4.6 s instead of 0.18-0.58 s with 2
+    # threads (2 cores at load 5-9, median of 7 each, 8 pairs).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from client.predict import UNCERTAINTY_CSV, predict_folder
 
