@@ -170,7 +170,8 @@ def _predict(args: argparse.Namespace) -> int:
     # Before PyTorch loads its OpenMP runtime, which reads this once: waiting threads
     # sleep instead of spinning. On cores busy with other work, spinning threads starve
     # the ones computing: a fundus image took 1.7-4.6 s instead of 0.18-0.58 s with 2
-    # threads (2 cores at load 5-9, median of 7 each, 8 pairs).
+    # threads (2 cores at load 5-9). The price on free cores is 90 -> 110-150 ms.
+    # OMP_WAIT_POLICY=ACTIVE in the environment keeps spinning on a dedicated machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from client.predict import UNCERTAINTY_CSV, predict_folder
 
