@@ -2,7 +2,10 @@
 
 Run from the repository root::
 
-    python -m benchmarks.predict_latency [--image ../shared/data/retina/DRIVE/imagesTr/x.png]
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.predict_latency [--image FILE]
+
+(``fedseg predict`` sets that OpenMP policy itself before PyTorch loads; here it must
+come from the shell, as this script imports PyTorch first.)
 
 * Warm: :func:`client.inference.predict_classes` on one fundus image (a DRIVE
   image when ``--image`` is given or the retina data sits in ``../shared/data``;
@@ -152,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     image_file = find_image(args.image)
-    print(f"CPU, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}",
-          flush=True)
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"CPU, {torch.get_num_threads()} threads, OMP_WAIT_POLICY {policy}; load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
     warm_result = warm(image_file, args.repeats, args.warmup)
     print(f"  warm predict_classes, {warm_result['image']} {warm_result['shape']}, "
           f"{warm_result['windows']} windows of 96x96, {warm_result['windows_per_batch']} "
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "omp_wait_policy": policy,
         "torch": torch.__version__, "load_average_after": load, "warm": warm_result,
         "startup": start_results,
     }, indent=2) + "\n")

@@ -24,9 +24,11 @@ from shared.errors import ConfigError
 # How windows are blended where they overlap: a Gaussian weight hides seams.
 BLEND_MODE = "gaussian"
 # Voxels fed to the network per forward pass: batching windows amortises PyTorch's
-# per-call overhead (about 2x faster than one window at a time for 96x96 patches on
-# CPU), and the cap bounds the memory of large 3D patches (a 128^3 window goes alone).
-VOXELS_PER_BATCH = 2**18
+# per-call overhead (CPU time, 1 thread: a fundus image's 64 windows of 96x96 took 410 ms
+# one at a time and 250-290 ms 16-64 at a time; a 200x144x88 MRI's 60 windows of
+# 56x56x48 2.1 s and 1.2 s 4-16 at a time), and the budget bounds the memory of large
+# 3D patches (96^3 and larger go one at a time).
+VOXELS_PER_BATCH = 2**20
 MAX_WINDOWS_PER_BATCH = 32
 
 

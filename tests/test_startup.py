@@ -29,18 +29,25 @@ HEAVY = ("torch", "monai", "opacus", "flwr")
 
 
 def run_fedseg(*argv: str) -> tuple[int, list[str]]:
-    """Run ``fedseg argv`` in a new interpreter; return its exit status and heavy imports."""
+    """Run ``fedseg argv`` in a new interpreter; return its exit status and heavy imports.
+
+    Also fails unless ``OMP_WAIT_POLICY``, removed from the environment first, is
+    ``PASSIVE`` exactly when the command loaded torch (``fedseg predict`` sets it).
+    """
     code = (
-        "import json, sys\n"
+        "import json, os, sys\n"
         "from fedseg.cli import main\n"
         "try:\n"
         f"    status = main({list(argv)!r})\n"
         "except SystemExit as exc:\n"
         "    status = exc.code\n"
+        "policy = os.environ.get('OMP_WAIT_POLICY')\n"
+        "assert (policy == 'PASSIVE') == ('torch' in sys.modules), policy\n"
         f"print(json.dumps([status, [m for m in {HEAVY!r} if m in sys.modules]]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
