@@ -24,19 +24,18 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
-
-from client.losses import patch_losses
 from shared.registry import Registry
 
+# PyTorch is imported where gradients are computed: the node config names this
+# registry, and `fedseg site check` / `fedseg plan` read the node config without it.
 if TYPE_CHECKING:
+    import torch
     from opacus.accountants.accountant import IAccountant
     from opacus.optimizers import DPOptimizer
+    from torch import nn
 
 Precision = Callable[[], AbstractContextManager[Any]]
-UnitGradients = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+UnitGradients = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 """``(images (B, K, C, *patch), labels (B, K, 1, *patch)) -> (B,)`` unit losses; sets
 ``p.grad_sample`` of shape ``(B, *p.shape)`` on every trainable parameter."""
 
@@ -58,6 +57,8 @@ def set_grad_sample(p: nn.Parameter, value: torch.Tensor | None) -> None:
 
 
 def _empty(params: dict[str, nn.Parameter]) -> torch.Tensor:
+    import torch
+
     # An empty Poisson batch: no unit contributes, but the step (noise only) still
     # happens, as the accountant assumes; Opacus clips a zero-length grad_sample.
     for p in params.values():
@@ -67,6 +68,10 @@ def _empty(params: dict[str, nn.Parameter]) -> torch.Tensor:
 
 def _vmap(net: nn.Module, precision: Precision) -> UnitGradients:
     """torch.func: ``vmap`` of ``grad`` of each unit's mean loss over the units."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    from client.losses import patch_losses
+
     params = trainable(net)
 
     def unit_loss(weights: dict[str, torch.Tensor], images: torch.Tensor,
@@ -106,6 +111,8 @@ def _opacus(mode: str) -> Callable[[nn.Module, Precision], UnitGradients]:
 
     def build(net: nn.Module, precision: Precision) -> UnitGradients:
         from opacus.grad_sample.utils import wrap_model
+
+        from client.losses import patch_losses
 
         params = trainable(net)
         # Summed loss: Opacus leaves each patch's gradient unscaled.
