@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from client.proximal import proximal_term
+from client.site_state import read_state_file
 from shared.atomic import write_atomic
 from shared.config import ModelSpec
 from shared.errors import ConfigError, DataError
@@ -179,17 +179,9 @@ def read_personal_model(state_dir: Path) -> tuple[str, dict[str, Any], PersonalM
         "damaged personal model": not a readable file, or not a fedseg personal model.
     """
     path = state_dir / FILE_NAME
-    if not os.path.lexists(path):
+    payload = read_state_file(path, FORMAT, "personal model", "personal-model", _FIX)
+    if payload is None:
         return None
-    if not path.is_file():
-        raise DataError(path, "damaged personal model: not a file", _FIX)
-    try:
-        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise DataError(path, f"damaged personal model: cannot be read ({type(exc).__name__})",
-                        _FIX) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise DataError(path, "damaged personal model: not a fedseg personal-model file", _FIX)
     mode, weights, model, rnd, base = (
         payload.get(k) for k in ("personalization", "weights", "model", "round", "base"))
     if (not isinstance(mode, str) or not isinstance(weights, dict)

@@ -42,6 +42,32 @@ def load_local_layers(state_dir: Path, adaptation: str,
     return weights
 
 
+def read_state_file(path: Path, file_format: str, what: str, kind: str,
+                    fix: str) -> dict[str, Any] | None:
+    """Return the dictionary a fedseg state file at ``path`` holds, ``None`` if there is none.
+
+    One check for every site-state file (local layers, personal model): a file that
+    exists but is not a readable ``file_format`` dictionary stops the site.
+
+    Raises
+    ------
+    DataError
+        "damaged <what>": not a file, unreadable, or not a fedseg <kind> file.
+    """
+    if not os.path.lexists(path):
+        return None
+    if not path.is_file():
+        raise DataError(path, f"damaged {what}: not a file", fix)
+    try:
+        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise DataError(path, f"damaged {what}: cannot be read ({type(exc).__name__})",
+                        fix) from None
+    if not isinstance(payload, dict) or payload.get("format") != file_format:
+        raise DataError(path, f"damaged {what}: not a fedseg {kind} file", fix)
+    return payload
+
+
 def read_local_layers(state_dir: Path) -> tuple[str, NDArrays] | None:
     """Return the adaptation mode and weights saved in ``state_dir``, or ``None`` if none.
 
@@ -54,17 +80,9 @@ def read_local_layers(state_dir: Path) -> tuple[str, NDArrays] | None:
         "damaged local layers": not a readable file, or not a fedseg local-layers file.
     """
     path = state_dir / FILE_NAME
-    if not os.path.lexists(path):
+    payload = read_state_file(path, FORMAT, "local layers", "local-layers", _FIX)
+    if payload is None:
         return None
-    if not path.is_file():
-        raise DataError(path, "damaged local layers: not a file", _FIX)
-    try:
-        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise DataError(path, f"damaged local layers: cannot be read ({type(exc).__name__})",
-                        _FIX) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise DataError(path, "damaged local layers: not a fedseg local-layers file", _FIX)
     adaptation, weights = payload.get("adaptation"), payload.get("weights")
     if not isinstance(adaptation, str) or not isinstance(weights, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):

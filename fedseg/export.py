@@ -15,7 +15,6 @@ far above fedseg's networks).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -31,7 +30,7 @@ from torch import nn
 
 from client.inference import BLEND_MODE, Tiling
 from client.predict import SiteNetwork, load_site_network
-from shared.atomic import write_atomic, write_text_atomic
+from shared.atomic import file_sha256, write_atomic, write_text_atomic
 from shared.config import ModelSpec
 from shared.errors import DataError, FedsegError
 from shared.normalization import NORMALIZATIONS
@@ -235,14 +234,6 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sliding_window(spec: ModelSpec) -> dict[str, Any]:
     """Return how ``fedseg predict`` tiles an image for ``spec`` (:class:`Tiling`), for MONAI.
 
@@ -269,7 +260,7 @@ def _contract(request: ExportRequest, site_net: SiteNetwork, diff: float) -> dic
         "format": CONTRACT_FORMAT,
         "model_file": request.output.name,
         "model_format": request.fmt,
-        "sha256": _sha256(request.output),
+        "sha256": file_sha256(request.output),
         "runtime": runtime,
         "spatial_dims": spec.spatial_dims,
         "in_channels": spec.in_channels,
@@ -291,6 +282,6 @@ def _contract(request: ExportRequest, site_net: SiteNetwork, diff: float) -> dic
         "personalization": spec.personalization,
         "site_layers_folded_in": bool(site_net.local_names) or site_net.personal,
         "source_checkpoint": {"file": request.model.name, "round": site_net.checkpoint.server_round,
-                              "sha256": _sha256(request.model)},
+                              "sha256": file_sha256(request.model)},
         "max_abs_diff_vs_pytorch": diff,
     }

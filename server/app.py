@@ -12,11 +12,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.config import RunConfig
 from server.federation import Reporter, RunFolder, run_federation
-from server.initial_model import load_initial_model, sha256
+from server.initial_model import load_initial_model
 from server.planning import planned_run_config
 from server.report import LineReporter
 from server.resume import resume_point
 from shared import settings
+from shared.atomic import file_sha256
 from shared.networks import build_network, seed_everything
 from shared.partition import local_parameter_names, split_weights
 from shared.weights import NDArrays, state_to_numpy
@@ -99,7 +100,7 @@ def make_server_app(config: RunConfig | None = None, run_dir: Path | None = None
         if point is None and cfg.initial_model:
             # Recorded with the run: which file, bit for bit, every site started from.
             start = Path(cfg.initial_model).expanduser()
-            notes["initial_model_sha256"] = sha256(start)
+            notes["initial_model_sha256"] = file_sha256(start)
             echo(f"initial-model: round 1 starts from {start} (sha256 "
                  f"{str(notes['initial_model_sha256'])[:16]}...); sites train dp-trainable "
                  f"'{cfg.training.trainable}'")

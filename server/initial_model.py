@@ -11,7 +11,6 @@ plain PyTorch ``state_dict`` of the same MONAI network (also nested under
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,15 +35,6 @@ _ADAPTER = "adapter."
 
 def _fail(path: Path, problem: str, fix: str) -> ConfigError:
     return ConfigError(RUN_CONFIG.name, KEY, f"{path}: {problem}", fix)
-
-
-def sha256(path: Path) -> str:
-    """Return the SHA-256 of ``path``'s bytes (recorded with the run)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tensors(payload: object) -> dict[str, torch.Tensor] | None:
