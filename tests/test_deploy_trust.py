@@ -37,6 +37,7 @@ from tests.test_deployment import (
     coordinator_signing,
     free_port,
     kill_strays,
+    require_tools,
     start,
     start_app_index,
     wait_for_superlink,
@@ -137,9 +138,7 @@ class Trust:
 
 @pytest.fixture(scope="module")
 def trust(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trust]:
-    for tool in ("flwr", "flower-superlink", "flower-supernode", "flwr-clientapp", "fedseg"):
-        if not (BIN / tool).exists():
-            pytest.skip(f"{tool} is not installed beside the test interpreter")
+    require_tools()
     root = tmp_path_factory.mktemp("trust")
     (root / "logs").mkdir()
     creds, keys = root / "coordinator-credentials", root / "site-keys"

@@ -231,11 +231,16 @@ def start_app_index(env: dict[str, str], index: Path, logs: Path) -> tuple[Proce
     return proc, address
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+def require_tools() -> None:
+    """Skip, naming it, when a Flower or fedseg command is missing beside the interpreter."""
     for tool in ("flwr", "flower-superlink", "flower-supernode", "flwr-clientapp", "fedseg"):
         if not (BIN / tool).exists():
             pytest.skip(f"{tool} is not installed beside {sys.executable}")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    require_tools()
     root = tmp_path_factory.mktemp("deploy")
     (root / "logs").mkdir()
     creds, keys = root / "coordinator-credentials", root / "site-keys"

@@ -12,7 +12,7 @@ from benchmarks.pretrain import PRESETS, main, model_spec
 from server.app import initial_weights
 from server.config import RunConfig
 from shared.checkpoint import Checkpoint
-from shared.planning import Fingerprint, make_plan
+from shared.planning import make_plan
 from simulations.phantom_families import (
     FAMILIES,
     LUNG_SIDE,
@@ -22,15 +22,7 @@ from simulations.phantom_families import (
     write_family_site,
 )
 from simulations.sites import plan_sites
-
-
-def _fp(**kw: object) -> Fingerprint:
-    base: dict[str, object] = dict(
-        num_cases=100, spatial_dims=2, channels=1, shape=(512, 512), spacing=(1.0, 1.0),
-        has_spacing=False, foreground_fraction=0.25, thickness=100.0, dark_fraction=0.05,
-        fg_intensity=(20.0, 70.0, 210.0))
-    base.update(kw)
-    return Fingerprint(**base)  # type: ignore[arg-type]
+from tests.test_planning import _fp
 
 
 def _model_keys(plan_keys: dict[str, object], family: str) -> dict[str, object]:
