@@ -31,8 +31,11 @@ from flwr.serverapp import Grid
 
 log = logging.getLogger("fedseg.server")
 
-#: Seconds between two pulls of replies (Flower's own loop pulls every 0.1-3 s).
-POLL_SECONDS = 1.0
+#: Shortest and longest wait between two pulls of replies, in seconds.
+POLL_MIN_SECONDS = 0.02
+POLL_MAX_SECONDS = 1.0
+#: The wait between pulls as a share of the time the phase has waited so far.
+POLL_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,7 @@ def ask(grid: Grid, messages: Sequence[Message], asked_for: Callable[[Message], 
     list of Message, Decision
         The replies that came in time, and whether the phase may go on.
     """
+    started = clock.now()
     accepted = set(grid.push_messages(messages))
     # The Grid sets each message's id in place; one it did not accept gets no reply.
     waiting: dict[str, Asked] = {}
@@ -192,9 +196,20 @@ def ask(grid: Grid, messages: Sequence[Message], asked_for: Callable[[Message], 
                                   sum(1 for r in replies if usable(r)), minimum)
         if decision is not Decision.WAIT:
             break
-        clock.sleep(min(POLL_SECONDS, deadline - now))
+        clock.sleep(min(poll_interval(now - started), deadline - now))
     late.update(waiting)
     return replies, decision
+
+
+def poll_interval(waited: float) -> float:
+    """Return how long to sleep before the next pull, after ``waited`` seconds in a phase.
+
+    A fixed interval either adds up to a whole interval to every phase (a second a
+    phase was a third of a short simulated round) or pulls many times a second
+    through an hours-long deployed round. Waiting a fixed share of the time already
+    waited bounds the delay a poll adds to that share of the phase, with few pulls.
+    """
+    return min(POLL_MAX_SECONDS, max(POLL_MIN_SECONDS, POLL_SHARE * waited))
 
 
 def late_note(phase: str, reply: Message) -> str:

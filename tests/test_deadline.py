@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message
 
+from server import deadline
 from server.deadline import Decision, choose_nodes, phase_decision
 from server.federation import FederationState, NotEnoughSitesError, run_round
 from server.history import MetricsHistory
@@ -99,8 +100,16 @@ def test_a_round_goes_on_as_soon_as_every_site_replied() -> None:
     grid = FakeGrid(three_sites(), delays={2: 5.0, 3: 12.0})  # type: ignore[arg-type]
     state = run(grid, rounds=1)
     (rnd,) = state.history.rounds
-    assert (rnd.train_seconds, rnd.evaluate_seconds) == (12.0, 12.0)
-    assert all(s.error is None for s in rnd.sites) and grid.time.now == 24.0
+    # Each phase ends at the first pull after the last reply (t = 12 s into it).
+    for took in (rnd.train_seconds, rnd.evaluate_seconds):
+        assert took is not None and 12.0 <= took <= 12.0 + deadline.poll_interval(12.0)
+    assert all(s.error is None for s in rnd.sites)
+    assert grid.time.now == rnd.train_seconds + rnd.evaluate_seconds
+
+
+def test_the_wait_between_pulls_is_a_share_of_the_wait_so_far() -> None:
+    assert [deadline.poll_interval(w) for w in (0.0, 0.2, 2.0, 12.0, 20.0, 3600.0)] == [
+        0.02, 0.02, 0.1, 0.6000000000000001, 1.0, 1.0]
 
 
 def test_without_stragglers_nothing_waits() -> None:
