@@ -8,6 +8,7 @@ sent to the server.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 from scipy import ndimage
@@ -102,6 +103,9 @@ def _two_digits(value: float) -> float:
 def fingerprint_site(site: SiteConfig, *, disk_cache: bool = True) -> Fingerprint:
     """Return the fingerprint of ``site``'s training cases (the validation split is left out).
 
+    A site that trains under DP-SGD also reports how many patients its training
+    split holds: the count its privacy accounting uses, and the planner needs.
+
     With ``disk_cache`` the decoded files come from, and go to, the site's disk
     cache (``site.cache_dir``); a tool that only looks at a folder turns it off.
 
@@ -115,4 +119,7 @@ def fingerprint_site(site: SiteConfig, *, disk_cache: bool = True) -> Fingerprin
     cases = [read_raw_case(ref, cache) for ref in train]
     # Decoded already by read_raw_case: the per-process cache answers.
     has_spacing = read_image(train[0].image, cache).fmt == "nifti"
-    return site_fingerprint(cases, has_spacing=has_spacing)
+    fingerprint = site_fingerprint(cases, has_spacing=has_spacing)
+    if not site.privacy.enabled:
+        return fingerprint
+    return replace(fingerprint, dp_patients=len({ref.patient_id for ref in train}))

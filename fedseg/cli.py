@@ -59,7 +59,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from server.history import MetricsHistory
     from server.report import format_summary
     from shared.run_files import RunFiles
-    from simulations.simulate import SimulationRequest, read_site_settings, run_simulation
+    from simulations.simulate import SimulationRequest, run_simulation
+    from simulations.sites import read_site_settings
 
     if args.resume is not None and args.data is not None:
         raise FedsegError("fedseg simulate: --resume continues on the sites the run recorded; "
@@ -98,10 +99,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from simulations.sites import find_site_folders, plan_sites
+    from simulations.sites import find_site_folders, plan_sites, read_site_settings
 
     folders = find_site_folders(args.data)
-    plan = plan_sites(folders)
+    site_settings = read_site_settings(args.site_config) if args.site_config else {}
+    plan = plan_sites(folders, site_settings)
     print(f"plan for {len(folders)} site(s) in {args.data} "
           f"({', '.join(f.name for f in folders)}), from their data fingerprints:")
     for line in plan.reasons:
@@ -304,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "network, normalisation, rounds and learning-rate schedule.")
     plan.add_argument("--data", type=Path, required=True,
                       help="folder with one Decathlon-layout sub-folder per site, or one site")
+    plan.add_argument("--site-config", type=Path, default=None, metavar="FILE",
+                      help="TOML of node-config keys every site takes, as for fedseg simulate "
+                           "(e.g. dp-enabled = true: sites under DP-SGD change the plan)")
     plan.set_defaults(func=_plan)
 
     site = verbs.add_parser("site", help="site-side tools for hospital IT")

@@ -193,7 +193,7 @@ class TrainPlan:
         "dp-augmentations", 4, "augmented patches per sampled patient under DP-SGD, averaged "
         "before clipping (no extra privacy cost)", minimum=1, wire="dp-augmentations")
     dp_learning_rate: float = number(
-        "dp-learning-rate", 0.01, "peak learning rate of the local optimiser under DP-SGD (SGD "
+        "dp-learning-rate", 0.05, "peak learning rate of the local optimiser under DP-SGD (SGD "
         "with momentum 0.9; learning-rate is plain training's Adam)", minimum=0.0,
         exclusive_minimum=True, wire="dp-learning-rate")
     uniform_weights: bool = flag(None, False, "weight every site's update equally (central DP)",

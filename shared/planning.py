@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shared.errors import FedsegError
@@ -30,6 +30,7 @@ FINGERPRINT_KEYS: tuple[str, ...] = (
     "fp-spacing-0", "fp-spacing-1", "fp-spacing-2",
     "fp-foreground-fraction", "fp-thickness", "fp-dark-fraction",
     "fp-fg-intensity-low", "fp-fg-intensity-median", "fp-fg-intensity-high",
+    "fp-dp-patients",
 )
 # Intensities may be negative (CT in Hounsfield units, z-scored MRI); nothing else may.
 _SIGNED = frozenset({"fp-fg-intensity-low", "fp-fg-intensity-median", "fp-fg-intensity-high"})
@@ -67,6 +68,10 @@ class Fingerprint:
     fg_intensity : tuple of float
         Medians over cases of the 0.5th, 50th and 99.5th percentile of the
         foreground intensity (channel mean), two significant decimals.
+    dp_patients : int
+        Patients in the training split when the site trains under DP-SGD, 0 when it
+        does not: the privacy units its noise is calibrated over, which the plan
+        needs to keep that noise small enough to learn.
     """
 
     num_cases: int
@@ -79,6 +84,7 @@ class Fingerprint:
     thickness: float
     dark_fraction: float
     fg_intensity: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    dp_patients: int = 0
 
     def to_record(self) -> dict[str, int | float]:
         """Flatten into the numbers of a fingerprint message (unused axes are 0)."""
@@ -87,7 +93,7 @@ class Fingerprint:
         values: tuple[int | float, ...] = (
             self.num_cases, self.spatial_dims, self.channels, int(self.has_spacing),
             *shape, *spacing, self.foreground_fraction, self.thickness, self.dark_fraction,
-            *self.fg_intensity,
+            *self.fg_intensity, self.dp_patients,
         )
         return dict(zip(FINGERPRINT_KEYS, values, strict=True))
 
@@ -121,7 +127,47 @@ class Fingerprint:
             thickness=nums["fp-thickness"], dark_fraction=nums["fp-dark-fraction"],
             fg_intensity=(nums["fp-fg-intensity-low"], nums["fp-fg-intensity-median"],
                           nums["fp-fg-intensity-high"]),
+            dp_patients=int(nums["fp-dp-patients"]),
         )
+
+
+@dataclass(frozen=True)
+class PrivateRules:
+    """What the plan changes when any site trains under DP-SGD.
+
+    The noise DP-SGD adds to a summed gradient grows with the square root of the
+    number of trained parameters, while the signal grows with the patients sampled
+    per step. So a private plan trains a smaller network on smaller images, samples
+    a large share of the smallest private site's patients per step, and spends
+    fewer, larger steps (measured on chest X-ray at epsilon 8: see the README's
+    "Differential privacy").
+
+    Attributes
+    ----------
+    whole_image_side : int
+        Longest side a 2D image with thick structures is resized to.
+    max_levels : int
+        Resolution levels of the U-Net at most.
+    base_channels, max_channels : dict of int to int
+        Width of the first level, doubled per level up to the maximum.
+    patient_share : float
+        Share of the smallest private site's training patients one step samples
+        (the batch size is that many patients, within the bounds below).
+    min_batch, max_batch : dict of int to int
+        Bounds of the batch size (expected patients per step).
+    rounds, steps : int
+        Federated rounds, and local steps in each.
+    """
+
+    whole_image_side: int = 128
+    max_levels: int = 4
+    base_channels: dict[int, int] = field(default_factory=lambda: {2: 8, 3: 4})
+    max_channels: dict[int, int] = field(default_factory=lambda: {2: 64, 3: 32})
+    patient_share: float = 1 / 3
+    min_batch: dict[int, int] = field(default_factory=lambda: {2: 8, 3: 2})
+    max_batch: dict[int, int] = field(default_factory=lambda: {2: 32, 3: 8})
+    rounds: int = 5
+    steps: int = 40
 
 
 @dataclass(frozen=True)
@@ -156,6 +202,8 @@ class PlannerRules:
         Above this share of dark voxels, normalisation ignores the dark frame.
     learning_rate : float
         Peak learning rate of the cosine schedule.
+    private : PrivateRules
+        What changes when a site trains under DP-SGD.
     """
 
     max_patch_voxels: dict[int, int] = field(default_factory=lambda: {2: 256 * 256,
@@ -175,6 +223,14 @@ class PlannerRules:
     max_steps: int = 150
     dark_fraction_fov: float = 0.15
     learning_rate: float = 2e-3
+    private: PrivateRules = field(default_factory=PrivateRules)
+
+    def under_dp(self) -> PlannerRules:
+        """Return these rules with the private plan's resolution, network and schedule."""
+        p = self.private
+        return replace(self, whole_image_side=p.whole_image_side, max_levels=p.max_levels,
+                       base_channels=p.base_channels, max_channels=p.max_channels,
+                       rounds=p.rounds, min_steps=p.steps, max_steps=p.steps)
 
 
 @dataclass(frozen=True)
@@ -237,6 +293,9 @@ def _csv(values: Sequence[int]) -> str:
 def combine(fingerprints: Sequence[Fingerprint]) -> Fingerprint:
     """Merge the sites' fingerprints, each weighted by its number of cases.
 
+    ``dp_patients`` of the result is the smallest positive one (0 when no site
+    trains under DP).
+
     Raises
     ------
     PlanningError
@@ -270,6 +329,8 @@ def combine(fingerprints: Sequence[Fingerprint]) -> Fingerprint:
         fg_intensity=(mean([fp.fg_intensity[0] for fp in fingerprints]),
                       mean([fp.fg_intensity[1] for fp in fingerprints]),
                       mean([fp.fg_intensity[2] for fp in fingerprints])),
+        # The smallest private site: its noise is the largest for a given batch.
+        dp_patients=min((fp.dp_patients for fp in fingerprints if fp.dp_patients), default=0),
     )
 
 
@@ -313,6 +374,12 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
     reasons: list[str] = [f"{len(fingerprints)} site(s), {fp.num_cases} training cases, "
                           f"{dims}D, {fp.channels} channel(s), median size "
                           f"{'x'.join(map(str, fp.shape))}"]
+    private = sum(1 for f in fingerprints if f.dp_patients)
+    if private:
+        rules = rules.under_dp()
+        reasons.append(f"{private} site(s) train under DP-SGD, the smallest with "
+                       f"{fp.dp_patients} patients: a smaller network on smaller images, "
+                       "large batches of patients, fewer steps")
     resize: tuple[int, ...] = ()
     work_shape = list(fp.shape)
     factor = 1.0
@@ -351,10 +418,16 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
     reasons.append(f"U-Net with {levels} levels ({_csv(channels)}): the deepest feature map is "
                    f"{'x'.join(str(p // multiple) for p in patch)}")
     batch = rules.batch_size[dims]
+    if private:
+        p = rules.private
+        batch = min(p.max_batch[dims], max(p.min_batch[dims],
+                                           math.floor(fp.dp_patients * p.patient_share)))
     total_steps = rules.voxels_per_site[dims] / (batch * math.prod(patch))
     steps = int(min(rules.max_steps, max(rules.min_steps, round(total_steps / rules.rounds))))
-    reasons.append(f"{rules.rounds} rounds x {steps} steps of batch {batch}, cosine learning "
-                   f"rate from {rules.learning_rate:g}")
+    unit = " patients" if private else ""
+    dp_rate = " (DP-SGD sites: from dp-learning-rate)" if private else ""
+    reasons.append(f"{rules.rounds} rounds x {steps} steps of batch {batch}{unit}, cosine "
+                   f"learning rate from {rules.learning_rate:g}{dp_rate}")
     normalization = "zscore-fov" if fp.dark_fraction > rules.dark_fraction_fov else "zscore"
     reasons.append(f"{fp.dark_fraction:.0%} of pixels are dark: {normalization} normalisation")
     return Plan(

@@ -25,11 +25,11 @@ from server.resume import ResumeError, resume_at
 from shared import settings
 from shared.atomic import write_text_atomic
 from shared.config import ModelSpec
-from shared.errors import ConfigError, DataError
+from shared.errors import DataError
 from shared.run_files import RunFiles
 from shared.settings import AUTO
 from simulations.cross_site import write_cross_site
-from simulations.sites import find_site_folders, probe_layout
+from simulations.sites import check_site_settings, find_site_folders, probe_layout
 
 # Settings that make the built-in synthetic task converge in a few minutes on 2 CPUs;
 # every planned key is set, so the synthetic run needs no planning round. Real data
@@ -62,63 +62,8 @@ class SimulationRequest:
     #: saved settings; ``overrides`` may only raise num-server-rounds).
     resume: Path | None = None
     #: Node-config keys every simulated site takes (``--site-config``), checked by
-    #: :func:`read_site_settings`.
+    #: :func:`simulations.sites.read_site_settings`.
     site_settings: Mapping[str, Any] = field(default_factory=dict)
-
-
-#: Node-config keys ``fedseg simulate`` sets for each site itself.
-PER_SITE_KEYS = frozenset({"data-path", "site-name", "state-dir", "seed"})
-SITE_CONFIG_FLAG = "--site-config"
-
-
-def _site_source(path: Path) -> settings.Source:
-    return settings.Source(f"{SITE_CONFIG_FLAG} {path}", f"fix it in {path}")
-
-
-def check_site_settings(values: Mapping[str, Any], source: settings.Source) -> None:
-    """Refuse node-config ``values`` a simulated site cannot take, naming the key.
-
-    Every key must be a :class:`client.config.SiteConfig` setting, validated by its
-    own declaration, and none of those the simulation sets per site.
-    """
-    for key in sorted(values):
-        if key in PER_SITE_KEYS:
-            raise ConfigError(source.name, key, "is set by fedseg simulate for each site (its "
-                              "data folder, name, state folder in the run folder and seed by "
-                              "position)", "remove it")
-    settings.refuse_unknown(values, settings.keys(SiteConfig) - PER_SITE_KEYS, source,
-                            "site setting")
-    settings.parse(SiteConfig, {**values, "data-path": "site"}, source)
-
-
-def read_site_settings(path: Path) -> dict[str, Any]:
-    """Return the node-config keys of the TOML file ``path``, for every simulated site.
-
-    Read as ``flower-supernode --node-config`` reads a file, and checked by
-    :func:`check_site_settings`.
-
-    Raises
-    ------
-    FedsegError
-        One line naming the file (and the key): missing, not TOML, an unknown,
-        per-site or invalid key.
-    """
-    from flwr.common.config import parse_config_args
-
-    where = f"{SITE_CONFIG_FLAG} {path}"
-    if path.suffix != ".toml":
-        raise DataError(where, "the site config must be a .toml file",
-                        "write node-config keys such as dp-enabled = true into a .toml file")
-    if not path.is_file():
-        raise DataError(where, "file not found",
-                        "pass a .toml file of node-config keys, e.g. dp-enabled = true")
-    try:
-        values = dict(parse_config_args([str(path)]))
-    except Exception as exc:  # tomli's decode errors carry the line and column
-        raise DataError(where, f"not valid TOML ({exc})",
-                        "write one 'key = value' per line, strings in quotes") from None
-    check_site_settings(values, _site_source(path))
-    return values
 
 
 SIMULATION_FORMAT = "fedseg-simulation/1"

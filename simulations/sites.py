@@ -7,13 +7,16 @@ start in a fraction of a second instead of loading the training stack.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from client.config import SiteConfig
 from client.data_contract import DATASET_JSON, IMAGES_DIR, discover_cases
 from client.fingerprint import fingerprint_site
 from client.imaging import read_image
-from shared.errors import DataError
+from shared import settings
+from shared.errors import ConfigError, DataError
 from shared.planning import Plan, make_plan
 
 
@@ -59,12 +62,72 @@ def probe_layout(site: Path, cache: Path | None = None) -> tuple[int, int]:
     return spatial, channels
 
 
-def plan_sites(folders: list[Path]) -> Plan:
+#: Node-config keys ``fedseg simulate`` sets for each site itself.
+PER_SITE_KEYS = frozenset({"data-path", "site-name", "state-dir", "seed"})
+SITE_CONFIG_FLAG = "--site-config"
+
+
+def _site_source(path: Path) -> settings.Source:
+    return settings.Source(f"{SITE_CONFIG_FLAG} {path}", f"fix it in {path}")
+
+
+def check_site_settings(values: Mapping[str, Any], source: settings.Source) -> None:
+    """Refuse node-config ``values`` a simulated site cannot take, naming the key.
+
+    Every key must be a :class:`client.config.SiteConfig` setting, validated by its
+    own declaration, and none of those the simulation sets per site.
+    """
+    for key in sorted(values):
+        if key in PER_SITE_KEYS:
+            raise ConfigError(source.name, key, "is set by fedseg simulate for each site (its "
+                              "data folder, name, state folder in the run folder and seed by "
+                              "position)", "remove it")
+    settings.refuse_unknown(values, settings.keys(SiteConfig) - PER_SITE_KEYS, source,
+                            "site setting")
+    settings.parse(SiteConfig, {**values, "data-path": "site"}, source)
+
+
+def read_site_settings(path: Path) -> dict[str, Any]:
+    """Return the node-config keys of the TOML file ``path``, for every simulated site.
+
+    Read as ``flower-supernode --node-config`` reads a file, and checked by
+    :func:`check_site_settings`.
+
+    Raises
+    ------
+    FedsegError
+        One line naming the file (and the key): missing, not TOML, an unknown,
+        per-site or invalid key.
+    """
+    from flwr.common.config import parse_config_args
+
+    where = f"{SITE_CONFIG_FLAG} {path}"
+    if path.suffix != ".toml":
+        raise DataError(where, "the site config must be a .toml file",
+                        "write node-config keys such as dp-enabled = true into a .toml file")
+    if not path.is_file():
+        raise DataError(where, "file not found",
+                        "pass a .toml file of node-config keys, e.g. dp-enabled = true")
+    try:
+        values = dict(parse_config_args([str(path)]))
+    except Exception as exc:  # tomli's decode errors carry the line and column
+        raise DataError(where, f"not valid TOML ({exc})",
+                        "write one 'key = value' per line, strings in quotes") from None
+    check_site_settings(values, _site_source(path))
+    return values
+
+
+def plan_sites(folders: list[Path], site_settings: Mapping[str, Any] | None = None) -> Plan:
     """Plan a run for site folders on this machine, as the ServerApp would from messages.
 
     Each folder's fingerprint is computed by the same code a site runs
-    (:func:`client.fingerprint.fingerprint_site`), with the default validation split.
-    Nothing is written: these folders are not sites with a state dir here.
+    (:func:`client.fingerprint.fingerprint_site`), with the default validation split
+    and ``site_settings`` (node-config keys every site takes, as ``--site-config``
+    gives them; DP-SGD at the sites changes the plan). Nothing is written: these
+    folders are not sites with a state dir here.
     """
-    return make_plan([fingerprint_site(SiteConfig(data_path=folder), disk_cache=False)
-                      for folder in folders])
+    return make_plan([
+        fingerprint_site(settings.parse(SiteConfig, {**(site_settings or {}),
+                                                     "data-path": str(folder)},
+                                        settings.NODE_CONFIG), disk_cache=False)
+        for folder in folders])

@@ -275,3 +275,14 @@ def test_frozen_parameters_are_bit_identical_after_a_private_round(
     for name in frozen:
         assert np.array_equal(after[name], start[name]), name
     assert any(not np.array_equal(result.weights[n], start[n]) for n in result.weights)
+
+
+def test_a_dp_site_reports_its_patients_in_its_fingerprint(paired_site: Path,
+                                                           tmp_path: Path) -> None:
+    from client.fingerprint import fingerprint_site
+
+    plain = SiteConfig(data_path=paired_site, state_dir=tmp_path / "plain", val_fraction=0.25)
+    # 3 training patients of two cases each: patients, not cases, are counted.
+    assert fingerprint_site(dp_site(paired_site, tmp_path / "dp")).dp_patients == 3
+    assert fingerprint_site(dp_site(paired_site, tmp_path / "dp")).num_cases == 6
+    assert fingerprint_site(plain).dp_patients == 0

@@ -63,6 +63,28 @@ def test_small_images_fit_whole_without_resizing() -> None:
     assert plan.local_steps == 150
 
 
+def test_sites_under_dp_get_a_small_network_and_large_batches_of_patients() -> None:
+    plan = make_plan([_fp(num_cases=94, dp_patients=94), _fp(num_cases=358)])
+    assert plan.to_run_config() == {
+        "in-channels": 1, "resize": "128,128", "patch-size": "128,128",
+        "channels": "8,16,32,64", "batch-size": 31, "local-steps": 40,
+        "num-server-rounds": 5, "normalization": "zscore", "learning-rate": 0.002,
+        "lr-schedule": "cosine",
+    }
+    assert "1 site(s) train under DP-SGD, the smallest with 94 patients" in plan.reasons[1]
+    # Few patients: the batch stays at its floor; many: at its ceiling.
+    assert make_plan([_fp(dp_patients=10)]).batch_size == 8
+    assert make_plan([_fp(dp_patients=1000)]).batch_size == 32
+    assert make_plan([_fp(spatial_dims=3, shape=(192, 144, 88), spacing=(0.625,) * 3,
+                          has_spacing=True, thickness=25.6, dp_patients=16)]).to_run_config()[
+        "channels"] == "4,8,16,32"
+
+
+def test_combine_keeps_the_smallest_private_site() -> None:
+    assert combine([_fp(dp_patients=300), _fp(), _fp(dp_patients=40)]).dp_patients == 40
+    assert combine([_fp(), _fp()]).dp_patients == 0
+
+
 def test_combine_weights_sites_by_cases() -> None:
     merged = combine([_fp(num_cases=1, thickness=10.0, shape=(100, 200)),
                       _fp(num_cases=3, thickness=30.0, shape=(300, 400))])

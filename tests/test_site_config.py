@@ -13,11 +13,11 @@ from shared.errors import FedsegError
 from shared.run_files import FINAL_MODEL, METRICS_JSON, RunFiles
 from simulations.simulate import (
     SimulationRequest,
-    read_site_settings,
     record_simulation,
     recorded_site_settings,
     simulated_sites,
 )
+from simulations.sites import read_site_settings
 
 # The file, as a hospital would write it.
 DP_SITE = ("dp-enabled = true\ndp-target-epsilon = 8\ndp-max-epsilon = 8\n"
@@ -98,3 +98,19 @@ def test_cli_refuses_a_bad_site_config_before_anything_runs(
     assert "--resume keeps the site settings the run recorded; drop --site-config" in (
         capsys.readouterr().err)
     assert not list(tmp_path.rglob(FINAL_MODEL)) and not list(tmp_path.rglob(METRICS_JSON))
+
+
+def test_fedseg_plan_with_the_sites_dp_settings_plans_for_dp(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.phantoms import write_synthetic_federation
+
+    write_synthetic_federation(tmp_path / "data", num_sites=2, cases_per_site=6, shape=(32, 32))
+    assert main(["plan", "--data", str(tmp_path / "data")]) == 0
+    plain = capsys.readouterr().out
+    assert main(["plan", "--data", str(tmp_path / "data"),
+                 "--site-config", str(toml(tmp_path, DP_SITE))]) == 0
+    private = capsys.readouterr().out
+    assert "DP-SGD" not in plain and "batch-size = 8" in plain
+    # 6 cases of 6 patients, 1 held out: 5 training patients per site, a batch of 8 at least.
+    assert "2 site(s) train under DP-SGD, the smallest with 5 patients" in private
+    assert "num-server-rounds = 5" in private
