@@ -190,7 +190,7 @@ class TrainPlan:
     finetune_scope: str = choice("finetune-scope", "all", "parameters a fine-tune may change",
                                  choices=FINETUNE_SCOPES, wire="finetune-scope")
     dp_augmentations: int = integer(
-        "dp-augmentations", 4, "augmented patches per sampled patient under DP-SGD, averaged "
+        "dp-augmentations", 1, "augmented patches per sampled patient under DP-SGD, averaged "
         "before clipping (no extra privacy cost)", minimum=1, wire="dp-augmentations")
     dp_learning_rate: float = number(
         "dp-learning-rate", 0.05, "peak learning rate of the local optimiser under DP-SGD (SGD "
