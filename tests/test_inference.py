@@ -8,6 +8,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from benchmarks.predict_latency import count_windows
 from client.inference import (
     BLEND_MODE,
     MAX_WINDOWS_PER_BATCH,
@@ -27,19 +28,6 @@ class Pointwise(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x[:, :1], -x[:, :1]], dim=1)
-
-
-def count_windows(shape: tuple[int, ...], tiling: Tiling) -> int:
-    seen = 0
-
-    def counting(batch: torch.Tensor) -> torch.Tensor:
-        nonlocal seen
-        seen += batch.shape[0]
-        return batch
-
-    sliding_window_inference(torch.zeros(1, 1, *shape), tiling.patch_size, 1, counting,
-                             overlap=tiling.overlap, mode=BLEND_MODE)
-    return seen
 
 
 @pytest.mark.parametrize(("spec", "shape"), [
