@@ -13,6 +13,7 @@ from PIL import Image
 
 from fedseg.cli import EXIT_BAD_INPUT, main
 from shared.run_files import FINAL_MODEL, METRICS_JSON
+from simulations.phantoms import write_synthetic_federation
 
 
 def png(path: Path, array: np.ndarray) -> None:
@@ -128,6 +129,23 @@ def test_empty_run_config_value_is_named(tmp_path: Path,
 def test_plan_of_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run(["plan", "--data", str(tmp_path / "nowhere")], capsys)
     assert_clean_failure(code, err, "nowhere: data folder not found", tmp_path)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "site.toml: file not found"),
+    ("dp-enabeld = true\n", "dp-enabeld"),
+    ("data-path = '/srv/x'\n", "key 'data-path': is set by fedseg simulate for each site"),
+], ids=["missing", "typo", "per-site-key"])
+def test_plan_with_a_bad_site_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     text: str | None, message: str) -> None:
+    write_synthetic_federation(tmp_path / "data", num_sites=1, cases_per_site=4, shape=(16, 16))
+    site_toml = tmp_path / "site.toml"
+    if text is not None:
+        site_toml.write_text(text)
+    code, err = run(["plan", "--data", str(tmp_path / "data"), "--site-config", str(site_toml)],
+                    capsys)
+    assert_clean_failure(code, err, message, tmp_path)
+    assert str(site_toml) in err
 
 
 @pytest.mark.parametrize("override,message", [
