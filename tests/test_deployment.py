@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -54,10 +55,22 @@ def app_spec() -> str:
            f"=={meta['project']['version']}"
 
 
+#: Ports tried for the test servers: below Linux's ephemeral range (32768-60999), where the
+#: kernel never hands out a client socket's port. A port the kernel chose with bind(0) comes
+#: from that range, and once released it can become some connection's local port before the
+#: server that was meant to listen on it binds (seen as "address already in use").
+TEST_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for port in random.sample(TEST_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port among 200 tried in {TEST_PORTS}")
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float,
