@@ -1,10 +1,10 @@
-"""Privacy overheads: DP-SGD step time against plain training, and Dice against epsilon.
+"""Privacy's cost in time: one DP-SGD step against one step of plain training.
 
 Run from the repository root::
 
-    python -m benchmarks.privacy --data ../shared/data/retina
+    python -m benchmarks.privacy
 
-Part 1 times one optimiser step of plain training and of DP-SGD on the same
+It times one optimiser step of plain training and of DP-SGD on the same
 batch for every per-unit gradient mode (:data:`client.private_gradients.GRAD_SAMPLE_MODES`,
 plus Opacus's ghost clipping where it applies), on the default 2D network of
 ``fedseg simulate`` and on the chest plan (UNet 16..256 at 256x256), with one and
@@ -13,9 +13,7 @@ machine noise hits both alike. Two ratios per mode: against plain training on th
 same B*K patches (the cost of DP itself) and against plain training's batch of B
 patches (the cost of a round, augmentation multiplicity included). Each mode's
 per-unit gradients are compared with ``vmap``'s on the same batch (``max_diff``).
-Part 2 runs the same federation through Flower without DP and with DP-SGD at
-several noise multipliers and reports each site's final validation Dice and
-cumulative epsilon in one table. Both parts go into one JSON file.
+What DP costs in Dice is :mod:`benchmarks.dp_utility`.
 """
 
 from __future__ import annotations
@@ -42,10 +40,8 @@ from client.private_gradients import (
 )
 from client.trainer import PlainGradient, PrivateGradient
 from server.config import RunConfig
-from server.history import MetricsHistory
 from shared.config import TrainPlan
 from shared.networks import build_network
-from simulations.simulate import SimulationRequest, run_simulation
 
 NETWORKS = {
     "default-2d": {"patch-size": "64,64", "channels": "16,32,64,128", "in-channels": 1},
@@ -210,36 +206,9 @@ def print_step_times(result: dict[str, Any]) -> None:
               flush=True)
 
 
-def dice_vs_epsilon(data: Path | None, noises: list[float], overrides: dict[str, Any],
-                    output: Path) -> list[dict[str, Any]]:
-    """Run the federation without DP and at each noise multiplier; return one row per run."""
-    rows = []
-    for noise in [0.0, *noises]:
-        run_overrides = dict(overrides)
-        if noise > 0:
-            run_overrides.update({"dp": True, "dp-noise-multiplier": noise})
-        outcome = run_simulation(SimulationRequest(data=data, output=output,
-                                                   overrides=run_overrides),
-                                 echo=lambda line: print("   ", line, flush=True))
-        final = MetricsHistory.read(outcome.metrics_json).rounds[-1]
-        rows.append({
-            "noise_multiplier": noise or None,
-            "mean_dice": final.mean_val_dice,
-            "wall_s": outcome.wall_seconds,
-            "sites": {s.site: {"dice": s.val_dice, "epsilon": s.epsilon, "delta": s.delta}
-                      for s in final.sites},
-        })
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run both parts, print the tables and write the JSON."""
+    """Time every mode on every network, print the tables and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None,
-                        help="multi-site folder (default: built-in synthetic sites)")
-    parser.add_argument("--noise", type=float, nargs="+", default=[3.0, 1.5, 0.8])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-steps", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="PyTorch CPU threads while timing (default 1: steadier on a "
@@ -247,50 +216,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--modes", nargs="+",
                         default=[*GRAD_SAMPLE_MODES.names(), "ghost"])
-    parser.add_argument("--skip-dice", action="store_true",
-                        help="part 1 only (step times)")
     parser.add_argument("--output", type=Path, default=Path("runs/bench-privacy"))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     draws = TrainPlan().dp_augmentations
     timing = []
-    print("part 1: step time of DP-SGD against plain training", flush=True)
+    print("step time of DP-SGD against plain training", flush=True)
     for network in args.networks:
         for k in sorted({1, draws}):
             result = step_times(network, 8, k, args.repeats, args.modes)
             print_step_times(result)
             timing.append(result)
-    if args.skip_dice:
-        args.output.mkdir(parents=True, exist_ok=True)
-        out = args.output / "privacy.json"
-        out.write_text(json.dumps({"step_time": timing}, indent=2))
-        print(f"wrote {out}")
-        return 0
-
-    print("part 2: validation Dice against epsilon (same federation, same steps)", flush=True)
-    overrides = {"num-server-rounds": args.rounds, "local-steps": args.local_steps}
-    rows = dice_vs_epsilon(args.data, args.noise, overrides, args.output)
-    sites = sorted({s for r in rows for s in r["sites"]})
-    header = f"  {'noise':>6} " + " ".join(f"{s + ' Dice':>14} {'eps':>7}" for s in sites)
-    print(header + f" {'mean Dice':>9}")
-    for r in rows:
-        cells = []
-        for s in sites:
-            site = r["sites"].get(s, {})
-            eps = site.get("epsilon")
-            dice = site.get("dice")
-            cells.append(f"{'-' if dice is None else format(dice, '.3f'):>14} "
-                         f"{'inf' if eps is None else format(eps, '.2f'):>7}")
-        noise = "none" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.2f}"
-        mean = r["mean_dice"]
-        print(f"  {noise:>6} " + " ".join(cells)
-              + f" {'-' if mean is None else format(mean, '.3f'):>9}")
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / "privacy.json"
-    out.write_text(json.dumps({"step_time": timing, "dice_vs_epsilon": rows,
-                               "data": str(args.data or "synthetic"), "rounds": args.rounds,
-                               "local_steps": args.local_steps, "delta": 1e-5}, indent=2))
+    out.write_text(json.dumps({"step_time": timing}, indent=2))
     print(f"wrote {out}")
     return 0
 
