@@ -14,8 +14,10 @@ of the README (``dp-enabled``, ``dp-target-epsilon`` = ``dp-max-epsilon`` =
 epsilon, ``dp-delta``) and calibrates its noise once over the run's rounds;
 ``inf`` is the same federation without DP. ``--alone`` also trains every site by
 itself (a federation of that one site) at every epsilon: what a site gets without
-joining. With ``initial-model`` in the run config, the starting model's zero-shot
-Dice on every site's validation cases comes first.
+joining. Without ``initial-model`` in the run config, the benchmark starts every
+run from the public phantom model ``fedseg simulate`` would pretrain for these sites
+under DP-SGD (:func:`simulations.pretrain.public_start`), when a family fits; the
+starting model's zero-shot Dice on every site's validation cases comes first.
 
 Seeds ``0..N-1`` set the run config's ``seed``. Validation Dice is the final
 round's, per case at full resolution. Writes ``dp-utility.json`` (every run),
@@ -39,8 +41,10 @@ from fedseg.cli import _parse_overrides
 from server.app import initial_weights
 from server.config import RunConfig
 from server.history import MetricsHistory
+from shared.planning import make_plan
+from simulations.pretrain import public_start
 from simulations.simulate import SimulationRequest, run_simulation
-from simulations.sites import find_site_folders, plan_sites
+from simulations.sites import find_site_folders, site_fingerprints
 
 #: The delta of every run (the README's site TOML).
 DELTA = 1e-5
@@ -220,8 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     folders = find_site_folders(args.data)
     sites = [f.name for f in folders]
     output: Path = args.output or Path("runs/bench-dp-utility") / args.data.resolve().name
-    planned = plan_sites(folders, site_settings(min(args.epsilons))).to_run_config()
-    values: dict[str, Any] = {**planned, **_parse_overrides(args.run_config)}
+    private = site_fingerprints(folders, site_settings(min(args.epsilons)))
+    values: dict[str, Any] = {**make_plan(private).to_run_config(),
+                              **_parse_overrides(args.run_config)}
+    if not RunConfig.from_user_config(values).initial_model:
+        # What `fedseg simulate` does for these sites under DP-SGD, once for every run.
+        output.mkdir(parents=True, exist_ok=True)
+        values = public_start(private, values, output, print)
     config = RunConfig.from_user_config(values)
     epsilons = sorted({*args.epsilons, math.inf}, reverse=True)
 

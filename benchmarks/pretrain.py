@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,9 @@ from client.data_contract import load_case, site_split
 from client.trainer import SiteData, SiteTrainer
 from server.config import RunConfig
 from shared.checkpoint import Checkpoint
-from shared.config import ModelSpec, TrainPlan
-from shared.networks import seed_everything
-from simulations.phantom_families import FAMILIES, write_family_site
+from shared.config import ModelSpec
+from simulations.phantom_families import FAMILIES
+from simulations.pretrain import DEFAULTS, pretrain
 from simulations.sites import find_site_folders
 
 #: The model each family is pretrained for: what ``fedseg plan`` chooses for the
@@ -51,58 +50,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vessel": {"in-channels": 3, "resize": "none", "patch-size": "96,96",
                "channels": "16,32,64,128", "normalization": "zscore-fov"},
 }
-#: Phantoms drawn and optimiser steps taken by default: about 5-8 CPU-minutes each.
-DEFAULTS: dict[str, dict[str, int]] = {
-    "lung": {"cases": 160, "steps": 240, "batch": 8},
-    "vessel": {"cases": 40, "steps": 900, "batch": 8},
-}
-
-
 def model_spec(family: str, overrides: Mapping[str, Any]) -> ModelSpec:
     """Return the family's model, with any run-config ``overrides``, as a run would parse it."""
     return RunConfig.from_user_config({**PRESETS[family], **overrides}).model
-
-
-def pretrain(family: str, spec: ModelSpec, work: Path, cases: int, steps: int, batch: int,
-             seed: int, threads: int, chunks: int = 4) -> tuple[dict[str, Any], Any]:
-    """Train ``spec`` from seeded random weights on ``cases`` phantoms of ``family``.
-
-    Returns
-    -------
-    tuple
-        The record of what was trained (phantoms, steps, synthetic validation Dice per
-        chunk) and the shared weights.
-    """
-    started, cpu = time.monotonic(), time.process_time()
-    folder = write_family_site(work / "phantoms", family, cases, seed)
-    site = SiteConfig(data_path=folder, state_dir=work / "state", device="auto",
-                      num_threads=threads, val_fraction=0.1, seed=seed)
-    seed_everything(seed)
-    trainer = SiteTrainer(site, spec)
-    weights = trainer.weights()
-    per_chunk = -(-steps // chunks)
-    history = []
-    for chunk in range(1, chunks + 1):
-        plan = TrainPlan(server_round=chunk, num_rounds=chunks, local_steps=per_chunk,
-                         batch_size=batch, learning_rate=2e-3, lr_schedule="cosine", seed=seed)
-        result = trainer.train(weights, plan)
-        weights = result.weights
-        dice = trainer.evaluate(weights).dice
-        history.append({"steps": chunk * per_chunk, "train_loss": result.train_loss,
-                        "synthetic_val_dice": dice})
-        print(f"  {chunk * per_chunk:>5} steps: loss {result.train_loss:.3f}, Dice on held-out "
-              f"phantoms {dice:.3f} ({time.monotonic() - started:.0f} s)", flush=True)
-    record = {
-        "family": family, "phantoms": cases, "phantom_seed": seed,
-        "train_cases": trainer.num_train_cases, "steps": per_chunk * chunks, "batch": batch,
-        "learning_rate": 2e-3, "lr_schedule": "cosine", "history": history,
-        "saw": (f"{trainer.num_train_cases} synthetic '{family}' phantoms from "
-                "simulations/phantom_families.py (geometric rules and random numbers, seed "
-                f"{seed}); no real image, label or statistic of any site"),
-        "seconds": time.monotonic() - started,
-        "cpu_seconds": time.process_time() - cpu,
-    }
-    return record, weights
 
 
 def zero_shot(data: Path, spec: ModelSpec, weights: Any, threads: int,

@@ -167,7 +167,7 @@ class PrivateRules:
     min_batch: dict[int, int] = field(default_factory=lambda: {2: 8, 3: 2})
     max_batch: dict[int, int] = field(default_factory=lambda: {2: 32, 3: 8})
     rounds: int = 5
-    steps: int = 40
+    steps: int = 20
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,9 @@ def run_simulation(request: SimulationRequest,
         check_initial_model(config, planned=RunConfig.needs_plan(values))
     record_simulation(run_dir, request, folders)
     sites = simulated_sites(folders, run_dir, request.site_settings)
+    if (RunConfig.needs_plan(values) and not config.initial_model
+            and any(site.privacy.enabled for site in sites)):
+        values = _public_start(sites, values, run_dir, echo)
     if RunConfig.needs_plan(values):
         echo(f"{len(sites)} sites, strategy {config.strategy}; rounds, resolution, patch, "
              "network and schedule are planned from the sites' data fingerprints")
@@ -226,6 +229,19 @@ def run_simulation(request: SimulationRequest,
     for line in preflight(sites, spec):
         echo(line)
     return _finish(values, sites, run_dir, echo, started)
+
+
+def _public_start(sites: list[SiteConfig], values: dict[str, Any], run_dir: Path,
+                  echo: Callable[[str], None]) -> dict[str, Any]:
+    """Start a planned DP-SGD run from a public phantom model when one fits the sites.
+
+    The fingerprints are the ones the planning round will collect (the sites' disk
+    caches keep the decoded cases for it), so the model has the planned architecture.
+    """
+    from client.fingerprint import fingerprint_site
+    from simulations.pretrain import public_start
+
+    return public_start([fingerprint_site(site) for site in sites], values, run_dir, echo)
 
 
 def check_initial_model(config: RunConfig, planned: bool) -> None:

@@ -17,7 +17,7 @@ from client.fingerprint import fingerprint_site
 from client.imaging import read_image
 from shared import settings
 from shared.errors import ConfigError, DataError
-from shared.planning import Plan, make_plan
+from shared.planning import Fingerprint, Plan, make_plan
 
 
 def find_site_folders(data: Path) -> list[Path]:
@@ -117,17 +117,24 @@ def read_site_settings(path: Path) -> dict[str, Any]:
     return values
 
 
+def site_fingerprints(folders: list[Path],
+                      site_settings: Mapping[str, Any] | None = None) -> list[Fingerprint]:
+    """Return each folder's fingerprint, as the site would send it in the planning round.
+
+    Computed by the same code a site runs (:func:`client.fingerprint.fingerprint_site`),
+    with the default validation split and ``site_settings`` (node-config keys every
+    site takes, as ``--site-config`` gives them; a DP-SGD site reports its patients).
+    Nothing is written: these folders are not sites with a state dir here.
+    """
+    return [fingerprint_site(settings.parse(SiteConfig, {**(site_settings or {}),
+                                                         "data-path": str(folder)},
+                                            settings.NODE_CONFIG), disk_cache=False)
+            for folder in folders]
+
+
 def plan_sites(folders: list[Path], site_settings: Mapping[str, Any] | None = None) -> Plan:
     """Plan a run for site folders on this machine, as the ServerApp would from messages.
 
-    Each folder's fingerprint is computed by the same code a site runs
-    (:func:`client.fingerprint.fingerprint_site`), with the default validation split
-    and ``site_settings`` (node-config keys every site takes, as ``--site-config``
-    gives them; DP-SGD at the sites changes the plan). Nothing is written: these
-    folders are not sites with a state dir here.
+    The fingerprints are :func:`site_fingerprints`'s; DP-SGD at the sites changes the plan.
     """
-    return make_plan([
-        fingerprint_site(settings.parse(SiteConfig, {**(site_settings or {}),
-                                                     "data-path": str(folder)},
-                                        settings.NODE_CONFIG), disk_cache=False)
-        for folder in folders])
+    return make_plan(site_fingerprints(folders, site_settings))

@@ -67,7 +67,7 @@ def test_sites_under_dp_get_a_small_network_and_large_batches_of_patients() -> N
     plan = make_plan([_fp(num_cases=94, dp_patients=94), _fp(num_cases=358)])
     assert plan.to_run_config() == {
         "in-channels": 1, "resize": "128,128", "patch-size": "128,128",
-        "channels": "8,16,32,64", "batch-size": 31, "local-steps": 40,
+        "channels": "8,16,32,64", "batch-size": 31, "local-steps": 20,
         "num-server-rounds": 5, "normalization": "zscore", "learning-rate": 0.002,
         "lr-schedule": "cosine",
     }

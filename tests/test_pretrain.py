@@ -6,13 +6,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from benchmarks.pretrain import PRESETS, main, model_spec
 from server.app import initial_weights
 from server.config import RunConfig
+from server.history import MetricsHistory
 from shared.checkpoint import Checkpoint
+from shared.networks import build_network
 from shared.planning import make_plan
+from shared.trainable import trainable_names
 from simulations.phantom_families import (
     FAMILIES,
     LUNG_SIDE,
@@ -21,6 +25,8 @@ from simulations.phantom_families import (
     vessel_phantom,
     write_family_site,
 )
+from simulations.pretrain import DEFAULTS, PROFILES, choose_family, public_start
+from simulations.simulate import SimulationRequest, run_simulation
 from simulations.sites import plan_sites
 from tests.test_planning import _fp
 
@@ -94,3 +100,51 @@ def test_pretraining_writes_a_checkpoint_the_run_can_start_from(tmp_path: Path) 
     for name, value in saved.weights.items():
         np.testing.assert_array_equal(start[name], value)
     assert set(FAMILIES) == set(PRESETS)
+
+
+def test_only_grey_2d_sites_with_thick_structures_fit_the_lung_profile() -> None:
+    lung = PROFILES["lung"]
+    assert lung.fits(_fp(thickness=32.0)) and lung.fits(_fp(thickness=100.0))
+    assert not lung.fits(_fp(thickness=31.9))
+    assert not lung.fits(_fp(channels=3))
+    assert not lung.fits(_fp(spatial_dims=3, shape=(128, 128, 64), spacing=(1.0, 1.0, 1.0)))
+    # The combined fingerprint decides: a chest-like federation, a retina-like one.
+    assert choose_family([_fp(num_cases=94, dp_patients=94), _fp(num_cases=358)]) == "lung"
+    assert choose_family([_fp(channels=3, thickness=7.7, dark_fraction=0.3)]) is None
+    assert set(PROFILES) <= set(FAMILIES)
+
+
+def test_no_fitting_family_leaves_the_run_config_and_says_so(tmp_path: Path) -> None:
+    said: list[str] = []
+    values = {"num-server-rounds": 2}
+    assert public_start([_fp(channels=3, thickness=7.7)], values, tmp_path, said.append) == values
+    assert "random weights" in said[0] and not list(tmp_path.iterdir())
+
+
+def test_a_planned_dp_simulation_starts_from_public_phantoms_and_trains_the_decoder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two grey sites of lung-field phantoms stand in for the chest X-ray sites.
+    data = tmp_path / "sites"
+    data.mkdir()
+    for name in ("a", "b"):
+        write_family_site(tmp_path / "drawn" / name, "lung", 6, seed=ord(name)).rename(data / name)
+    monkeypatch.setitem(DEFAULTS, "lung", {"cases": 4, "steps": 1, "batch": 2})
+    dp = {"dp-enabled": True, "dp-target-epsilon": 8.0, "dp-max-epsilon": 8.0, "dp-delta": 1e-5}
+    outcome = run_simulation(SimulationRequest(
+        data=data, output=tmp_path / "runs", site_settings=dp,
+        overrides={"num-server-rounds": 1, "local-steps": 1}), echo=lambda _: None)
+    start = outcome.run_dir / "starting-model.pt"
+    record = json.loads(start.with_name("starting-model.pt.json").read_text())
+    assert record["family"] == "lung" and "no real image" in record["saw"]
+    config = MetricsHistory.read(outcome.metrics_json).run_config
+    assert config["initial_model"] == str(start) and config["dp_trainable"] == "decoder"
+    # Outside the decoder, the final model is the public one, bit for bit.
+    first, final = Checkpoint.load(start), Checkpoint.load(outcome.final_model)
+    spec = final.spec
+    net = build_network(spec)
+    decoder = trainable_names(net, spec.network, "decoder")
+    assert first.spec == spec and decoder
+    for name, value in first.weights.items():
+        if name not in decoder:
+            np.testing.assert_array_equal(final.weights[name], value)
+    assert any(not np.array_equal(final.weights[n], first.weights[n]) for n in decoder)

@@ -1,0 +1,171 @@
+"""A starting model from public phantoms, and the one a DP simulation starts from by itself.
+
+:func:`pretrain` trains a network on phantoms of one family of
+:mod:`simulations.phantom_families` through the same data contract, augmentation
+and trainer as a site (``python -m benchmarks.pretrain`` is its command).
+
+DP-SGD from random weights spends a site's whole privacy budget on what any
+segmentation network must learn. So when ``fedseg simulate`` runs sites under
+DP-SGD on a planned configuration and names no ``initial-model``,
+:func:`public_start` looks for a phantom family whose profile
+(:data:`PROFILES`) fits the sites' combined fingerprint, pretrains the planned
+network on it in the simulating process, and starts the run from that model with
+only the decoder trained under DP. A deployment does the same by hand: the
+coordinator pretrains (or obtains) a public model and names it in the run config;
+the ServerApp never trains.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.config import SiteConfig
+from client.trainer import SiteTrainer
+from server.config import RunConfig
+from shared.checkpoint import Checkpoint
+from shared.config import ModelSpec, TrainPlan
+from shared.networks import seed_everything
+from shared.planning import Fingerprint, combine, make_plan
+from simulations.phantom_families import write_family_site
+
+#: Phantoms drawn and optimiser steps taken by default: about 5-8 CPU-minutes each
+#: at the preset architectures of ``benchmarks.pretrain``, under one at the private plan's.
+DEFAULTS: dict[str, dict[str, int]] = {
+    "lung": {"cases": 160, "steps": 240, "batch": 8},
+    "vessel": {"cases": 40, "steps": 900, "batch": 8},
+}
+
+#: What the sites train from a public starting model under DP-SGD: the decoder
+#: (measured on chest X-ray at epsilon 8, README "Differential privacy").
+DP_TRAINABLE = "decoder"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The data a phantom family stands in for, in terms of a combined fingerprint.
+
+    Attributes
+    ----------
+    spatial_dims, channels : int
+        Image geometry the sites must share with the phantoms.
+    min_thickness, max_thickness : float
+        Range of the median structure thickness at native resolution, in pixels.
+    """
+
+    spatial_dims: int
+    channels: int
+    min_thickness: float
+    max_thickness: float
+
+    def fits(self, fingerprint: Fingerprint) -> bool:
+        """Return whether sites with ``fingerprint`` look like this family's data."""
+        return (fingerprint.spatial_dims == self.spatial_dims
+                and fingerprint.channels == self.channels
+                and self.min_thickness <= fingerprint.thickness <= self.max_thickness)
+
+
+#: Families a DP simulation may start from by itself. Only ``lung`` is here: from
+#: the vessel phantoms, DP-SGD on the retina sites (13-26 images each) was measured
+#: to lose what the starting model knew, so a retina-like federation starts from
+#: random weights unless the run names a model.
+PROFILES: dict[str, Profile] = {
+    # Grey 2D images of large organs (lung fields are about 100 px thick at 512 px).
+    "lung": Profile(spatial_dims=2, channels=1, min_thickness=32.0, max_thickness=float("inf")),
+}
+
+
+def choose_family(fingerprints: Sequence[Fingerprint]) -> str | None:
+    """Return the first family of :data:`PROFILES` the sites' combined fingerprint fits."""
+    combined = combine(fingerprints)
+    return next((name for name, p in PROFILES.items() if p.fits(combined)), None)
+
+
+def pretrain(family: str, spec: ModelSpec, work: Path, cases: int, steps: int, batch: int,
+             seed: int, threads: int, chunks: int = 4,
+             echo: Callable[[str], None] = print) -> tuple[dict[str, Any], Any]:
+    """Train ``spec`` from seeded random weights on ``cases`` phantoms of ``family``.
+
+    Returns
+    -------
+    tuple
+        The record of what was trained (phantoms, steps, synthetic validation Dice per
+        chunk) and the shared weights.
+    """
+    started, cpu = time.monotonic(), time.process_time()
+    folder = write_family_site(work / "phantoms", family, cases, seed)
+    site = SiteConfig(data_path=folder, state_dir=work / "state", device="auto",
+                      num_threads=threads, val_fraction=0.1, seed=seed)
+    seed_everything(seed)
+    trainer = SiteTrainer(site, spec)
+    weights = trainer.weights()
+    per_chunk = -(-steps // chunks)
+    history = []
+    for chunk in range(1, chunks + 1):
+        plan = TrainPlan(server_round=chunk, num_rounds=chunks, local_steps=per_chunk,
+                         batch_size=batch, learning_rate=2e-3, lr_schedule="cosine", seed=seed)
+        result = trainer.train(weights, plan)
+        weights = result.weights
+        dice = trainer.evaluate(weights).dice
+        history.append({"steps": chunk * per_chunk, "train_loss": result.train_loss,
+                        "synthetic_val_dice": dice})
+        echo(f"  {chunk * per_chunk:>5} steps: loss {result.train_loss:.3f}, Dice on held-out "
+             f"phantoms {dice:.3f} ({time.monotonic() - started:.0f} s)")
+    record = {
+        "family": family, "phantoms": cases, "phantom_seed": seed,
+        "train_cases": trainer.num_train_cases, "steps": per_chunk * chunks, "batch": batch,
+        "learning_rate": 2e-3, "lr_schedule": "cosine", "history": history,
+        "saw": (f"{trainer.num_train_cases} synthetic '{family}' phantoms from "
+                "simulations/phantom_families.py (geometric rules and random numbers, seed "
+                f"{seed}); no real image, label or statistic of any site"),
+        "seconds": time.monotonic() - started,
+        "cpu_seconds": time.process_time() - cpu,
+    }
+    return record, weights
+
+
+def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
+                 run_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Return ``values`` starting from a public phantom model, when a family fits.
+
+    Parameters
+    ----------
+    fingerprints : sequence of Fingerprint
+        Every site's, as the planning round will collect them (DP-SGD sites included).
+    values : mapping
+        The run's run-config values, to be planned: the model is the plan's with them on top.
+    run_dir : pathlib.Path
+        The run folder; the model goes to ``starting-model.pt``, what it saw beside it.
+    echo : callable
+        Receives progress lines.
+
+    Returns
+    -------
+    dict
+        ``values`` with ``initial-model`` and, unless set, ``dp-trainable`` added; or
+        ``values`` unchanged when no family fits.
+    """
+    family = choose_family(fingerprints)
+    if family is None:
+        echo("no public phantom family fits these sites: DP-SGD trains every parameter from "
+             "random weights (name a starting model with --run-config \"initial-model=...\")")
+        return dict(values)
+    # As the ServerApp's planning round: planned keys the values leave `auto`.
+    spec = RunConfig.from_user_config(values, make_plan(fingerprints).to_run_config()).model
+    budget = DEFAULTS[family]
+    echo(f"DP-SGD sites and no initial-model: pretraining the planned network on "
+         f"{budget['cases']} public '{family}' phantoms ({budget['steps']} steps) to start from")
+    with tempfile.TemporaryDirectory(prefix="fedseg-pretrain-") as tmp:
+        record, weights = pretrain(family, spec, Path(tmp), budget["cases"], budget["steps"],
+                                   budget["batch"], seed=0, threads=0, echo=echo)
+    path = run_dir / "starting-model.pt"
+    Checkpoint(spec, weights, 0).save(path)
+    record["model"] = spec.to_config()
+    path.with_name(path.name + ".json").write_text(json.dumps(record, indent=2) + "\n")
+    return {**values, "initial-model": str(path),
+            "dp-trainable": values.get("dp-trainable", DP_TRAINABLE)}
