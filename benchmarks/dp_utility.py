@@ -172,6 +172,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
             ax.axhline(report["zero_shot"][site]["dice"], linestyle="--", color="grey",
                        label="starting model, zero-shot")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks([*finite, right], [*(f"{e:g}" for e in finite), "no DP"])
         ax.set_xlabel("epsilon per site")
         ax.set_ylabel("validation Dice")
