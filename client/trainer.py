@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from client.accounting import calibrate_noise, sample_rate
 from client.augment import PatchDataset, UnitDataset
+from client.averaging import ParameterAverage
 from client.config import SiteConfig
 from client.data_contract import LoadedCase, site_split
 from client.inference import Tiling, predict_classes, resolve_device
@@ -373,7 +374,8 @@ class SiteTrainer:
         Per step: the learning rate of the run's schedule, the batch's gradient
         (``gradient``: plain backward, or DP-SGD's clipped and noised per-unit
         gradients), the non-finite-loss guard, FedProx's pull towards the round's
-        start, and the optimiser step. An empty Poisson batch is still a step: its
+        start, the optimiser step and, with ``ema-decay``, the running average of the
+        parameters, which replaces them at the end. An empty Poisson batch is still a step: its
         gradient is the noise alone.
 
         Returns
@@ -384,6 +386,7 @@ class SiteTrainer:
         params = trainable(net)
         mu = plan.proximal_mu
         anchor = {n: p.detach().clone() for n, p in params.items()} if mu > 0 else {}
+        average = ParameterAverage(params, plan.ema_decay) if plan.ema_decay > 0 else None
         net.train()
         losses: list[float] = []
         for step, (images, labels) in enumerate(_batches(batches, steps)):
@@ -408,6 +411,10 @@ class SiteTrainer:
                             p.grad.add_(p - anchor[name], alpha=mu)
             scaler.step(optimiser)
             scaler.update()
+            if average is not None:
+                average.update()
+        if average is not None:
+            average.copy_to_parameters()
         return losses
 
     def _unit_shape(self, draws: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

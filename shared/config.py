@@ -169,6 +169,10 @@ class TrainPlan:
     weight_decay: float = number("weight-decay", 0.0, "Decoupled weight decay of the local "
                                  "optimiser (AdamW); 0 disables it", minimum=0.0,
                                  wire="weight-decay")
+    ema_decay: float = number("ema-decay", 0.0, "weight of the running average of the trained "
+                              "parameters over a round's local steps, which the site then "
+                              "sends instead of the last step's (0 disables it)", minimum=0.0,
+                              maximum=1.0, exclusive_maximum=True, wire="ema-decay")
     trainable: str = choice("dp-trainable", "all", "parameter groups every site trains and "
                             "sends, with or without DP; the others keep the global (starting) "
                             "values (see Differential privacy)", choices=TRAINABLE,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from client.averaging import ParameterAverage
 from client.config import SiteConfig
 from client.trainer import SiteTrainer
 from server.config import RunConfig
@@ -88,3 +91,35 @@ def test_weight_decay_shrinks_weights_and_travels_in_the_round_config(site_dir: 
     assert norm(decayed.weights) < norm(plain.weights)
     sent = RunConfig.from_user_config({"weight-decay": 0.01}).round_config(1)
     assert sent["weight-decay"] == 0.01 and TrainPlan.from_config(sent).weight_decay == 0.01
+
+
+def test_parameter_average_has_exact_values_from_the_first_iterate() -> None:
+    p = torch.nn.Parameter(torch.tensor([0.0, 10.0]))
+    average = ParameterAverage({"p": p}, decay=0.75)
+    average.copy_to_parameters()  # nothing averaged yet: unchanged
+    assert p.tolist() == [0.0, 10.0]
+    with torch.no_grad():
+        for value in ([4.0, 8.0], [8.0, 0.0], [0.0, 4.0]):
+            p.copy_(torch.tensor(value))
+            average.update()
+    # 4 -> 0.75 * 4 + 0.25 * 8 = 5 -> 0.75 * 5 + 0.25 * 0 = 3.75;
+    # 8 -> 0.75 * 8 + 0.25 * 0 = 6 -> 0.75 * 6 + 0.25 * 4 = 5.5.
+    average.copy_to_parameters()
+    assert p.tolist() == [3.75, 5.5]
+    with pytest.raises(ValueError, match="decay"):
+        ParameterAverage({"p": p}, decay=1.0)
+
+
+def test_ema_decay_sends_the_average_and_travels_in_the_round_config(site_dir: Path) -> None:
+    t = trainer(site_dir)
+    start = t.weights()
+    plan = TrainPlan(local_steps=3, batch_size=4, learning_rate=0.01, seed=2)
+    last = t.train(start, plan).weights
+    averaged = t.train(start, replace(plan, ema_decay=0.5)).weights
+    assert distance(last, averaged) > 0.0
+    # One step: the average is that step's parameters.
+    one = replace(plan, local_steps=1)
+    assert distance(t.train(start, one).weights,
+                    t.train(start, replace(one, ema_decay=0.5)).weights) == 0.0
+    sent = RunConfig.from_user_config({"ema-decay": 0.9}).round_config(1)
+    assert sent["ema-decay"] == 0.9 and TrainPlan.from_config(sent).ema_decay == 0.9
