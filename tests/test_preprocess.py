@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -47,3 +51,21 @@ def test_resize_by_area_and_majority_label() -> None:
     assert resize_label(label, (2, 2), 2).tolist() == [[1, 0], [0, 0]]
     logits = torch.zeros(1, 2, 2, 2)
     assert tuple(resize_logits(logits, (5, 7)).shape) == (1, 2, 5, 7)
+
+
+def test_a_constant_patch_does_not_fill_the_site_log_with_histogram_warnings() -> None:
+    # In a fresh interpreter with every warning shown: the training pipeline's import
+    # silences MONAI's one-intensity notice, and only it.
+    code = (
+        "import warnings\n"
+        "import numpy as np\n"
+        "import client.augment\n"
+        "from monai.transforms import RandHistogramShift\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    RandHistogramShift(num_control_points=8, prob=1.0)(np.zeros((1, 8, 8), 'float32'))\n"
+        "    warnings.warn('another warning', UserWarning)\n"
+        "print([str(w.message) for w in seen])\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "['another warning']"
