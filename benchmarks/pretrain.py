@@ -50,6 +50,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vessel": {"in-channels": 3, "resize": "none", "patch-size": "96,96",
                "channels": "16,32,64,128", "normalization": "zscore-fov"},
 }
+
+
 def model_spec(family: str, overrides: Mapping[str, Any]) -> ModelSpec:
     """Return the family's model, with any run-config ``overrides``, as a run would parse it."""
     return RunConfig.from_user_config({**PRESETS[family], **overrides}).model
