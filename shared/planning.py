@@ -196,6 +196,9 @@ class PlannerRules:
         Patch voxels a site processes over the whole run (sets the number of steps).
     rounds : int
         Federated rounds; the steps are spread evenly over them.
+    max_rounds : int
+        Rounds at most when the budget holds more than ``rounds x max_steps`` steps
+        (small patches): extra rounds of ``max_steps`` each, up to this many.
     min_steps, max_steps : int
         Bounds of the local steps per round.
     dark_fraction_fov : float
@@ -219,6 +222,7 @@ class PlannerRules:
     voxels_per_site: dict[int, int] = field(default_factory=lambda: {2: 800 * 8 * 256 * 256,
                                                                      3: 400 * 2 * 64 * 64 * 48})
     rounds: int = 10
+    max_rounds: int = 24
     min_steps: int = 20
     max_steps: int = 150
     dark_fraction_fov: float = 0.15
@@ -230,7 +234,8 @@ class PlannerRules:
         p = self.private
         return replace(self, whole_image_side=p.whole_image_side, max_levels=p.max_levels,
                        base_channels=p.base_channels, max_channels=p.max_channels,
-                       rounds=p.rounds, min_steps=p.steps, max_steps=p.steps)
+                       rounds=p.rounds, max_rounds=p.rounds, min_steps=p.steps,
+                       max_steps=p.steps)
 
 
 @dataclass(frozen=True)
@@ -423,16 +428,22 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
         batch = min(p.max_batch[dims], max(p.min_batch[dims],
                                            math.floor(fp.dp_patients * p.patient_share)))
     total_steps = rules.voxels_per_site[dims] / (batch * math.prod(patch))
-    steps = int(min(rules.max_steps, max(rules.min_steps, round(total_steps / rules.rounds))))
+    rounds = rules.rounds
+    if total_steps / rounds > rules.max_steps:
+        # Small patches: the budget holds more steps than rounds x max_steps. More
+        # rounds of at most max_steps keep local drift as measured (retina: 24 x 150
+        # reached 0.755 where 10 x 150 reached 0.722, in 13 minutes on 2 cores).
+        rounds = min(rules.max_rounds, math.ceil(total_steps / rules.max_steps))
+    steps = int(min(rules.max_steps, max(rules.min_steps, round(total_steps / rounds))))
     unit = " patients" if private else ""
     dp_rate = " (DP-SGD sites: from dp-learning-rate)" if private else ""
-    reasons.append(f"{rules.rounds} rounds x {steps} steps of batch {batch}{unit}, cosine "
+    reasons.append(f"{rounds} rounds x {steps} steps of batch {batch}{unit}, cosine "
                    f"learning rate from {rules.learning_rate:g}{dp_rate}")
     normalization = "zscore-fov" if fp.dark_fraction > rules.dark_fraction_fov else "zscore"
     reasons.append(f"{fp.dark_fraction:.0%} of pixels are dark: {normalization} normalisation")
     return Plan(
         spatial_dims=dims, in_channels=fp.channels, resize=resize, patch_size=tuple(patch),
         channels=channels, batch_size=batch, local_steps=steps,
-        num_server_rounds=rules.rounds, normalization=normalization,
+        num_server_rounds=rounds, normalization=normalization,
         learning_rate=rules.learning_rate, reasons=tuple(reasons),
     )

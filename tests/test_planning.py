@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from client.fingerprint import case_statistics, site_fingerprint
 from shared.planning import (
     FINGERPRINT_KEYS,
     Fingerprint,
+    PlannerRules,
     PlanningError,
     combine,
     make_plan,
@@ -41,7 +43,7 @@ def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation
     assert plan.to_run_config() == {
         "in-channels": 3, "resize": "none", "patch-size": "96,96",
         "channels": "16,32,64,128", "batch-size": 8, "local-steps": 150,
-        "num-server-rounds": 10, "normalization": "zscore-fov", "learning-rate": 0.002,
+        "num-server-rounds": 24, "normalization": "zscore-fov", "learning-rate": 0.002,
         "lr-schedule": "cosine",
     }
 
@@ -179,3 +181,19 @@ def test_every_planned_value_is_a_planned_run_config_key() -> None:
 
     # A misspelt key in the plan would be dropped silently by resolve_planned.
     assert set(make_plan([_fp()]).to_run_config()) == planned_keys(RunConfig)
+
+
+def test_a_budget_beyond_max_steps_adds_rounds_up_to_max_rounds() -> None:
+    thin = _fp(channels=3, shape=(584, 568), thickness=6.0, dark_fraction=0.3)
+    patch = 8 * 96 * 96
+    # 1600 steps: 10 x 160 would exceed 150 a round, so ceil(1600 / 150) = 11 rounds of 145.
+    rules = PlannerRules(voxels_per_site={2: 1600 * patch, 3: 1})
+    plan = make_plan([thin], rules)
+    assert (plan.num_server_rounds, plan.local_steps) == (11, 145)
+    assert "11 rounds x 145 steps of batch 8" in "\n".join(plan.reasons)
+    # 1500 steps fit 10 x 150: no extra round.
+    exact = make_plan([thin], PlannerRules(voxels_per_site={2: 1500 * patch, 3: 1}))
+    assert (exact.num_server_rounds, exact.local_steps) == (10, 150)
+    # Under DP-SGD the private rounds and steps hold whatever the budget.
+    private = make_plan([replace(thin, dp_patients=16)], rules)
+    assert (private.num_server_rounds, private.local_steps) == (5, 20)
