@@ -41,6 +41,7 @@ from fedseg.cli import _parse_overrides
 from server.app import initial_weights
 from server.config import RunConfig
 from server.history import MetricsHistory
+from shared.errors import DataError
 from shared.planning import make_plan
 from simulations.pretrain import public_start
 from simulations.simulate import SimulationRequest, run_simulation
@@ -192,6 +193,19 @@ def run_one(data: Path, values: Mapping[str, Any], epsilon: float, output: Path,
     return final_sites(MetricsHistory.read(outcome.metrics_json))
 
 
+def single_site_folders(folders: Sequence[Path], root: Path) -> dict[str, Path]:
+    """Return, per site, a federation of that site alone: a folder holding only a link to it."""
+    out = {}
+    for folder in folders:
+        single = root / folder.name
+        single.mkdir(parents=True, exist_ok=True)
+        link = single / folder.name
+        if not link.exists():
+            link.symlink_to(folder.resolve(), target_is_directory=True)
+        out[folder.name] = single
+    return out
+
+
 def _epsilon(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -222,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
-    folders = find_site_folders(args.data)
+    try:
+        folders = find_site_folders(args.data)
+    except DataError as exc:
+        parser.error(str(exc))
     sites = [f.name for f in folders]
     output: Path = args.output or Path("runs/bench-dp-utility") / args.data.resolve().name
     private = site_fingerprints(folders, site_settings(min(args.epsilons)))
@@ -244,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     def echo(line: str) -> None:
         print("   ", line, flush=True)
 
+    alone = single_site_folders(folders, output / "single-site") if args.alone else {}
     rows: list[Row] = []
     for seed in range(args.seeds):
         seeded = {**values, "seed": seed}
@@ -255,15 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                          "sites": run_one(args.data, seeded, epsilon, where, echo)})
             if not args.alone:
                 continue
-            for folder in folders:
-                print(f"== seed {seed}: {folder.name} alone, epsilon {label}", flush=True)
-                where = output / "runs" / f"alone-eps-{label}" / folder.name / f"seed-{seed}"
-                # A federation of one site: a folder holding only a link to it.
-                single = output / "single-site" / folder.name
-                single.mkdir(parents=True, exist_ok=True)
-                link = single / folder.name
-                if not link.exists():
-                    link.symlink_to(folder.resolve(), target_is_directory=True)
+            for name, single in alone.items():
+                print(f"== seed {seed}: {name} alone, epsilon {label}", flush=True)
+                where = output / "runs" / f"alone-eps-{label}" / name / f"seed-{seed}"
                 rows.append({"setting": ALONE, "epsilon": epsilon, "seed": seed,
                              "sites": run_one(single, seeded, epsilon, where, echo)})
 

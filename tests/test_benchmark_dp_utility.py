@@ -71,6 +71,15 @@ def test_bad_arguments_are_one_line(argv: list[str], tmp_path: Path,
     assert len(capsys.readouterr().err.strip().splitlines()[-1]) > 0
 
 
+def test_a_missing_data_folder_is_one_line_naming_it(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--data", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nowhere: data folder not found" in last and "Traceback" not in last
+
+
 def test_one_epsilon_and_no_dp_alone_and_federated_write_json_markdown_and_png(
         tmp_path: Path) -> None:
     data = tmp_path / "sites"
