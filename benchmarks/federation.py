@@ -14,9 +14,10 @@ fingerprints (:func:`simulations.sites.plan_sites`), and each site takes
 ``rounds x local-steps`` optimiser steps whatever the method; pooled training
 takes the sum over sites. Ditto trains two models, so each gets half the local
 steps (``2 x floor(local-steps / 2)`` per round in all); local fine-tuning adds
-``finetune-steps`` before each evaluation, which the report states beside the
-budget. Seeds ``0..N-1`` set the run config's ``seed`` (initial weights, and
-mixed with each site's seed and the round into its local training).
+``finetune-steps`` before the last evaluation (``finetune-rounds``), which the
+report states beside the budget. Seeds ``0..N-1`` set the run config's ``seed``
+(initial weights, and mixed with each site's seed and the round into its local
+training).
 
 Validation Dice is measured at full resolution on each site's held-out cases. The
 command writes ``federation.json`` (everything, per seed, round and site),
@@ -46,7 +47,7 @@ from server.app import initial_weights
 from server.config import RunConfig
 from server.history import MetricsHistory
 from shared.partition import ADAPTATIONS
-from shared.personalization import PERSONALIZATIONS
+from shared.personalization import FINETUNE_ROUNDS, PERSONALIZATIONS
 from shared.run_files import RunFiles
 from simulations.cross_site import Predictor, cross_site_matrix
 from simulations.phantoms import write_synthetic_federation
@@ -111,11 +112,13 @@ def budget_notes(methods: Sequence[str], values: Mapping[str, Any], rounds: int,
                              f"personal one = {method_steps(method, rounds, local_steps)} steps "
                              f"per site{odd}")
         elif mode.finetunes:
-            tuned = RunConfig.from_user_config({**values, **FEDERATED[method]})
-            notes[method] = (f"+ {tuned.training.finetune_steps} fine-tuning steps of a copy of "
-                             "the global model before each evaluation, not counted above; the "
-                             "deployed model has had the budget + "
-                             f"{tuned.training.finetune_steps}")
+            training = RunConfig.from_user_config({**values, **FEDERATED[method]}).training
+            steps = training.finetune_steps or local_steps
+            when = ("each evaluation" if FINETUNE_ROUNDS[training.finetune_rounds].every_round
+                    else "the last evaluation")
+            notes[method] = (f"+ {steps} fine-tuning steps of a copy of the global model before "
+                             f"{when}, not counted above; the deployed model has had the "
+                             f"budget + {steps}")
     return notes
 
 
@@ -484,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = args.data
         planned = plan_sites(find_site_folders(data)).to_run_config()
+        # Each method names what its sites deploy; the plan's choice is one of them.
+        planned["personalization"] = "none"
     folders = find_site_folders(data)
     sites = [f.name for f in folders]
     values: dict[str, Any] = {**planned, **_parse_overrides(args.run_config)}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -46,16 +47,32 @@ class Tiling:
         always at full resolution.
     overlap : float
         Fraction by which neighbouring windows overlap.
+    flips : tuple of tuple of int
+        Spatial axes flipped in each pass whose probabilities :func:`predict_classes`
+        averages; ``((),)`` is one plain pass.
     """
 
     patch_size: tuple[int, ...]
     resize: tuple[int, ...] = ()
     overlap: float = 0.25
+    flips: tuple[tuple[int, ...], ...] = ((),)
 
     @classmethod
     def of(cls, spec: ModelSpec) -> Tiling:
-        """Return the tiling a model was trained for: its patch size and planned resize."""
-        return cls(spec.patch_size, spec.resize)
+        """Return the tiling a model was trained for: patch size, planned resize and flips.
+
+        With ``test-time-flips``, a model trained on patches (which training flips
+        along every axis) predicts from every flipped copy, as nnU-Net does; a model
+        trained on whole resized images never saw a flip (a chest has a left and a
+        right), so it predicts in one pass.
+        """
+        flipped = spec.test_time_flips and spec.resize != spec.patch_size
+        flips = tuple(flip_axes(len(spec.patch_size))) if flipped else ((),)
+        return cls(spec.patch_size, spec.resize, flips=flips)
+
+    def single_pass(self) -> Tiling:
+        """Return this tiling without test-time flips (cheaper monitoring of a round)."""
+        return replace(self, flips=((),))
 
     @property
     def windows_per_batch(self) -> int:
@@ -122,9 +139,30 @@ def predict_classes(net: nn.Module, image: np.ndarray, tiling: Tiling,
     numpy.ndarray
         ``int64`` class indices of shape ``image.shape[1:]``.
     """
+    if len(tiling.flips) > 1:
+        return class_map(_mean_probabilities(net, image, tiling, tiling.flips, device))
     # Argmax of the logits, not of their softmax: float32 softmax can round two close
     # logits to one probability, and masks must not change with this refactoring.
     return class_map(predict_logits(net, image, tiling, device)[0])
+
+
+def _mean_probabilities(net: nn.Module, image: np.ndarray, tiling: Tiling,
+                        combos: Sequence[tuple[int, ...]], device: torch.device) -> torch.Tensor:
+    """Return the class probabilities averaged over the passes flipped along ``combos``.
+
+    A flip is its own exact inverse, so every pass lands on the original voxel grid
+    without interpolation.
+    """
+    one = tiling.single_pass()
+    total: torch.Tensor | None = None
+    for axes in combos:
+        flipped = np.flip(image, axis=tuple(a + 1 for a in axes)) if axes else image
+        probabilities = predict_probabilities(net, flipped, one, device)
+        if axes:
+            probabilities = torch.flip(probabilities, dims=[a + 1 for a in axes])
+        total = probabilities if total is None else total + probabilities
+    assert total is not None
+    return total / len(combos)
 
 
 def class_map(scores: torch.Tensor) -> np.ndarray:
@@ -210,17 +248,8 @@ def predict_with_uncertainty(net: nn.Module, image: np.ndarray, tiling: Tiling,
     UncertainPrediction
         The averaged mask, the uncertainty map and the number of passes.
     """
-    spatial_dims = image.ndim - 1
-    combos = flip_axes(spatial_dims)
-    total: torch.Tensor | None = None
-    for axes in combos:
-        flipped = np.flip(image, axis=tuple(a + 1 for a in axes)) if axes else image
-        probabilities = predict_probabilities(net, flipped, tiling, device)
-        if axes:
-            probabilities = torch.flip(probabilities, dims=[a + 1 for a in axes])
-        total = probabilities if total is None else total + probabilities
-    assert total is not None
-    mean = total / len(combos)
+    combos = flip_axes(image.ndim - 1)
+    mean = _mean_probabilities(net, image, tiling, combos, device)
     return UncertainPrediction(
         classes=class_map(mean),
         uncertainty=normalized_entropy(mean).cpu().numpy().astype(np.float32),

@@ -52,7 +52,7 @@ from shared.errors import DataError
 from shared.metrics import case_dice
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
-from shared.personalization import PERSONALIZATIONS
+from shared.personalization import PERSONALIZATIONS, finetunes_now
 from shared.privacy import PrivacySettings
 from shared.schedule import learning_rate
 from shared.trainable import trainable_names
@@ -467,7 +467,7 @@ class SiteTrainer:
         loader = DataLoader(self._patches(seed), batch_size=plan.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
         rate = plan.learning_rate * plan.finetune_lr_factor
-        fit(net, _batches(loader, plan.finetune_steps),
+        fit(net, _batches(loader, plan.finetune_steps or self.steps_for(plan)),
             _optimiser([p for p in net.parameters() if p.requires_grad], plan), _mean_loss,
             self.device, lambda step: rate)
         self.personal_models.keep(net, plan.server_round, weights_digest(weights))
@@ -478,7 +478,8 @@ class SiteTrainer:
 
         Without personalisation: the global model with the site's own layers. Ditto:
         the personal model (the global one before the site's first round). Fine-tuning:
-        with ``plan``, a new fine-tune of ``weights``; without, the one kept for them.
+        with ``plan``, a new fine-tune of ``weights`` in the rounds ``finetune-rounds``
+        names and the global model in the others; without, the one kept for them.
 
         Raises
         ------
@@ -488,7 +489,10 @@ class SiteTrainer:
         self.load_weights(weights)
         if self.personal.finetunes:
             if plan is not None:
-                return self._finetune(weights, plan)
+                if finetunes_now(self.spec.personalization, plan.finetune_rounds,
+                                 plan.server_round, plan.num_rounds):
+                    return self._finetune(weights, plan)
+                return self.net
             tuned = self.personal_models.get(self.net, weights_digest(weights))
             if tuned is None:
                 raise DataError(self.personal_models.path, "holds no fine-tune of these "
@@ -500,12 +504,18 @@ class SiteTrainer:
     def evaluate(self, weights: NDArrays, plan: TrainPlan | None = None) -> EvalResult:
         """Return the Dice of the deployed model on each held-out case, at full resolution.
 
-        ``plan`` gives the fine-tuning settings (personalization ``finetune``).
+        ``plan`` gives the fine-tuning settings (personalization ``finetune``) and
+        the round: before the last one, prediction takes a single pass.
         """
         net = self.deployed(weights, plan)
+        tiling = Tiling.of(self.spec)
+        if plan is not None and plan.server_round < plan.num_rounds:
+            # Rounds before the last monitor progress; only the last measures the
+            # deployed prediction with its test-time flips (4-8 times the passes).
+            tiling = tiling.single_pass()
         per_case: dict[str, float] = {}
         for case in self.data.val:
-            pred = predict_classes(net, case.image, Tiling.of(self.spec), self.device)
+            pred = predict_classes(net, case.image, tiling, self.device)
             per_case[case.case_id] = case_dice(pred, case.label, self.spec.num_classes)
         dice = float(np.mean(list(per_case.values()))) if per_case else float("nan")
         return EvalResult(dice=dice, per_case=per_case, num_examples=len(per_case))

@@ -234,6 +234,14 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
+#: How ``fedseg predict`` combines the passes listed in ``test_time_flips``.
+TEST_TIME_FLIPS = (
+    "for each entry, flip the image along those spatial axes (0 is the first spatial axis; "
+    "[] is the image as it is), predict it with the sliding window, take the softmax over "
+    "the classes and flip it back; the mask is the argmax of the mean of those probabilities "
+    "(one entry [] only: the argmax of the logits)")
+
+
 def sliding_window(spec: ModelSpec) -> dict[str, Any]:
     """Return how ``fedseg predict`` tiles an image for ``spec`` (:class:`Tiling`), for MONAI.
 
@@ -276,6 +284,8 @@ def _contract(request: ExportRequest, site_net: SiteNetwork, diff: float) -> dic
         "channel_matching": CHANNEL_MATCHING,
         "output": OUTPUT,
         "sliding_window": sliding_window(spec),
+        "test_time_flips": [list(axes) for axes in Tiling.of(spec).flips],
+        "test_time_flips_how": TEST_TIME_FLIPS,
         "network": {"architecture": spec.network, "norm": spec.norm,
                     "channels": list(spec.channels)},
         "adaptation": spec.adaptation,

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from shared.networks import NETWORKS, NORMS
 from shared.normalization import NORMALIZATIONS
 from shared.partition import ADAPTATIONS
-from shared.personalization import FINETUNE_SCOPES, PERSONALIZATIONS
+from shared.personalization import FINETUNE_ROUNDS, FINETUNE_SCOPES, PERSONALIZATIONS
 from shared.schedule import SCHEDULES
 from shared.settings import (
     ROUND_CONFIG,
@@ -85,7 +85,12 @@ class ModelSpec:
     # predict and export apply the site's personal model (see Personalisation).
     personalization: str = choice("personalization", "none", "the model each site evaluates "
                                   "and deploys (see Personalisation)", choices=PERSONALIZATIONS,
-                                  wire="model-personalization")
+                                  wire="model-personalization", planned=True)
+    test_time_flips: bool = flag("test-time-flips", True, "the last round's evaluation and "
+                                 "`fedseg predict` average the probabilities of every flipped "
+                                 "copy of an image (4 passes in 2D, 8 in 3D), as nnU-Net does, "
+                                 "when training flipped patches (not for whole resized images)",
+                                 wire="model-test-time-flips")
 
     def __post_init__(self) -> None:
         check(self)
@@ -184,9 +189,12 @@ class TrainPlan:
     ditto_lambda: float = number("ditto-lambda", 0.1, "Ditto's pull of the personal model "
                                  "towards the global one (personalization ditto)", minimum=0.0,
                                  wire="ditto-lambda")
-    finetune_steps: int = integer("finetune-steps", 20, "local fine-tuning steps before each "
-                                  "evaluation (personalization finetune)", minimum=1,
-                                  wire="finetune-steps")
+    finetune_steps: int = integer("finetune-steps", 0, "local fine-tuning steps (personalization "
+                                  "finetune); 0: as many as one round's local steps",
+                                  minimum=0, wire="finetune-steps")
+    finetune_rounds: str = choice("finetune-rounds", "final", "rounds whose evaluation fine-tunes "
+                                  "first (personalization finetune)", choices=FINETUNE_ROUNDS,
+                                  wire="finetune-rounds")
     finetune_lr_factor: float = number("finetune-lr-factor", 0.1, "fine-tuning learning rate "
                                        "(constant) as a fraction of learning-rate", minimum=0.0,
                                        maximum=1.0, exclusive_minimum=True,

@@ -51,9 +51,46 @@ PERSONALIZATIONS: Registry[PersonalizationMode] = Registry("personalization", {
         "one, on loss + (ditto-lambda/2)·||w − w_global||²", personal_model=True,
         trains_personal=True),
     "finetune": PersonalizationMode(
-        "the received global model fine-tuned locally for finetune-steps steps before each "
-        "evaluation (finetune-scope: which parameters)", personal_model=True, finetunes=True),
+        "the global model fine-tuned locally for finetune-steps steps before the evaluation "
+        "(finetune-rounds: of the last round or of every round; finetune-scope: which "
+        "parameters)", personal_model=True, finetunes=True),
 })
+
+
+@dataclass(frozen=True)
+class FinetuneRounds:
+    """The rounds before whose evaluation a site fine-tunes the global model."""
+
+    doc: str
+    every_round: bool
+
+
+#: Fine-tuning only the final global model costs its steps once per run instead of
+#: once per round, so the deployed model can take a whole round's steps of it (on
+#: retina, 8 rounds: 20 steps before every evaluation 0.730, 100 steps 0.742, none 0.713).
+FINETUNE_ROUNDS: Registry[FinetuneRounds] = Registry("finetune-rounds", {
+    "final": FinetuneRounds("the last round only; earlier rounds evaluate the global model",
+                            every_round=False),
+    "all": FinetuneRounds("every round (a personal Dice per round, at finetune-steps extra "
+                          "steps each)", every_round=True),
+})
+
+
+def finetunes_now(mode: str, rounds: str, server_round: int, num_rounds: int) -> bool:
+    """Return whether a site fine-tunes before this round's evaluation.
+
+    Parameters
+    ----------
+    mode : str
+        The run's ``personalization``.
+    rounds : str
+        Its ``finetune-rounds``.
+    server_round, num_rounds : int
+        This round, and the rounds in the run.
+    """
+    if not PERSONALIZATIONS[mode].finetunes:
+        return False
+    return FINETUNE_ROUNDS[rounds].every_round or server_round >= num_rounds
 
 
 @dataclass(frozen=True)

@@ -58,9 +58,11 @@ def test_ditto_splits_the_budget_and_finetune_states_its_extra_steps() -> None:
     assert notes == {
         "ditto": "each round 3 steps of the global model + 3 of the personal one = 24 steps per "
                  "site (one fewer per round than the others: local-steps is odd)",
-        "finetune": "+ 5 fine-tuning steps of a copy of the global model before each "
+        "finetune": "+ 5 fine-tuning steps of a copy of the global model before the last "
                     "evaluation, not counted above; the deployed model has had the budget + 5",
     }
+    every = budget_notes(["finetune"], {"finetune-rounds": "all"}, 4, 7)["finetune"]
+    assert every.startswith("+ 7 fine-tuning steps of a copy of the global model before each ")
 
 
 def test_summary_is_mean_and_sample_std_over_seeds_and_differences_per_site() -> None:

@@ -154,7 +154,16 @@ def test_contract_is_enough_to_reproduce_fedseg_predict(tmp_path: Path) -> None:
     assert rgb.shape[:2] == tuple(contract["patch_size"])
     x = np.moveaxis(rgb, -1, 0).astype(np.float64)
     x = (x - x.mean(axis=(1, 2), keepdims=True)) / x.std(axis=(1, 2), keepdims=True)
-    mask = run_onnx(tmp_path / "m.onnx", x[None].astype(np.float32)).argmax(axis=1)[0] > 0
+    assert contract["test_time_flips"] == [[], [0], [1], [0, 1]]
+    mean = 0
+    for axes in contract["test_time_flips"]:
+        spatial = tuple(a + 1 for a in axes)
+        flipped = np.flip(x, spatial) if axes else x
+        logits = run_onnx(tmp_path / "m.onnx", flipped[None].astype(np.float32))[0]
+        probabilities = np.exp(logits - logits.max(axis=0))
+        probabilities /= probabilities.sum(axis=0)
+        mean = mean + (np.flip(probabilities, spatial) if axes else probabilities)
+    mask = np.asarray(mean).argmax(axis=0) > 0
     assert 0 < predicted.sum() < predicted.size
     assert np.array_equal(mask, predicted)
 

@@ -16,6 +16,7 @@ from client.inference import (
     class_map,
     predict_classes,
     predict_logits,
+    predict_probabilities,
 )
 from shared.config import ModelSpec
 from shared.networks import build_network
@@ -79,7 +80,30 @@ def test_windows_per_batch_follows_the_voxel_budget() -> None:
 
 def test_tiling_of_a_model_spec() -> None:
     spec = ModelSpec(patch_size=(32, 48), resize=(64, 96))
-    assert Tiling.of(spec) == Tiling((32, 48), (64, 96), 0.25)
+    assert Tiling.of(spec) == Tiling((32, 48), (64, 96), 0.25, ((), (0,), (1,), (0, 1)))
+    assert Tiling.of(spec).single_pass() == Tiling((32, 48), (64, 96), 0.25)
+    # Whole resized images were never flipped in training, so they are not at test time.
+    assert Tiling.of(ModelSpec(patch_size=(64, 96), resize=(64, 96))).flips == ((),)
+    assert Tiling.of(ModelSpec(patch_size=(8, 8, 8), test_time_flips=False)).flips == ((),)
+    assert len(Tiling.of(ModelSpec(patch_size=(8, 8, 8))).flips) == 8
+
+
+def test_test_time_flips_average_the_probabilities_of_each_flipped_pass() -> None:
+    torch.manual_seed(0)
+    net = nn.Conv2d(1, 2, 3, padding=1)
+    image = np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32)
+    one = Tiling((16, 16))
+    expected = predict_probabilities(net, image, one, torch.device("cpu"))
+    for axes in ((0,), (1,), (0, 1)):
+        flipped = np.flip(image, axis=tuple(a + 1 for a in axes)).copy()
+        back = predict_probabilities(net, flipped, one, torch.device("cpu"))
+        expected = expected + torch.flip(back, dims=[a + 1 for a in axes])
+    tiling = Tiling.of(ModelSpec(patch_size=(16, 16)))
+    got = predict_classes(net, image, tiling, torch.device("cpu"))
+    np.testing.assert_array_equal(got, class_map(expected / 4))
+    # A random kernel is not symmetric, so the flipped passes differ from the plain one.
+    single = predict_probabilities(net, image, one, torch.device("cpu"))
+    assert not torch.allclose(expected / 4, single)
 
 
 def test_class_map_is_the_argmax_with_ties_to_the_lower_class() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from torch import nn
 
 from client.app import make_client_app
 from client.config import SiteConfig
+from client.inference import Tiling
+from client.inference import predict_classes as trainer_predict_classes
 from client.personal import (
     FILE_NAME,
     PersonalModel,
@@ -24,6 +28,7 @@ from client.personal import (
     refuse_under_dp,
     save_personal_model,
     trainable_copy,
+    weights_digest,
 )
 from client.predict import load_site_network
 from client.site_check import check_state_dir
@@ -65,7 +70,7 @@ def run_config(**values: object) -> RunConfig:
     return RunConfig.from_user_config({
         "min-available-nodes": 2, "min-train-nodes": 2, "min-evaluate-nodes": 2,
         "local-steps": 2, "batch-size": 2, "channels": "8,16", "patch-size": "16,16",
-        "finetune-steps": 2, **values})
+        "finetune-steps": 2, "finetune-rounds": "all", **values})
 
 
 def site(data: Path, state: Path) -> SiteConfig:
@@ -232,9 +237,32 @@ def test_finetune_changes_only_its_scope_and_never_the_weights_sent(
     assert all(torch.equal(p, before[n]) for n, p in trainer.net.named_parameters())
 
 
+def test_by_default_only_the_last_round_fine_tunes_for_a_rounds_worth_of_steps(
+        sites: list[Path], tmp_path: Path) -> None:
+    cfg = run_config(personalization="finetune", **{
+        "finetune-rounds": "final", "finetune-steps": 0, "num-server-rounds": 3})
+    trainer = SiteTrainer(site(sites[0], tmp_path), cfg.model)
+    weights = trainer.train(initial_weights(cfg), cfg.plan(1)).weights
+    assert trainer.deployed(weights, cfg.plan(2)) is trainer.net  # the global model
+    assert trainer.personal_models.get(trainer.net, weights_digest(weights)) is None
+    steps: list[int] = []
+
+    def counting(net: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 *args: Any, **kwargs: Any) -> Any:
+        listed = list(batches)
+        steps.append(len(listed))
+        return fit(net, iter(listed), *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("client.trainer.fit", counting)
+        tuned = trainer.deployed(weights, cfg.plan(3))
+    assert tuned is not trainer.net and steps == [2]  # local-steps, as finetune-steps is 0
+    assert trainer.personal_models.get(trainer.net, weights_digest(weights)) is not None
+
+
 def test_finetune_is_what_the_site_evaluates_and_predict_deploys(
         sites: list[Path], tmp_path: Path) -> None:
-    cfg = run_config(personalization="finetune", **{"finetune-steps": 6})
+    cfg = run_config(personalization="finetune", **{"finetune-steps": 6, "num-server-rounds": 1})
     trainer = SiteTrainer(site(sites[0], tmp_path / "state"), cfg.model)
     weights = trainer.train(initial_weights(cfg), cfg.plan(1)).weights
     tuned = trainer.evaluate(weights, cfg.plan(1))
@@ -357,3 +385,25 @@ def test_export_folds_in_the_personal_model(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(exported(x), personal(x), rtol=0, atol=1e-5)
         assert not torch.allclose(exported(x), global_net(x), atol=1e-3)
+
+
+def test_only_the_last_rounds_evaluation_predicts_with_test_time_flips(
+        sites: list[Path], tmp_path: Path) -> None:
+    cfg = run_config(**{"num-server-rounds": 3})
+    trainer = SiteTrainer(site(sites[0], tmp_path), cfg.model)
+    weights = initial_weights(cfg)
+    passes: list[int] = []
+    original = trainer_predict_classes
+
+    def counting(net: nn.Module, image: np.ndarray, tiling: Tiling,
+                 device: torch.device) -> np.ndarray:
+        passes.append(len(tiling.flips))
+        return original(net, image, tiling, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("client.trainer.predict_classes", counting)
+        trainer.evaluate(weights, cfg.plan(2))
+        assert set(passes) == {1}
+        passes.clear()
+        trainer.evaluate(weights, cfg.plan(3))
+        assert set(passes) == {4}  # 2D patches: every combination of the two axes
