@@ -490,7 +490,7 @@ class SiteTrainer:
         if self.personal.finetunes:
             if plan is not None:
                 if finetunes_now(self.spec.personalization, plan.finetune_rounds,
-                                 plan.server_round, plan.num_rounds):
+                                 plan.last_round):
                     return self._finetune(weights, plan)
                 return self.net
             tuned = self.personal_models.get(self.net, weights_digest(weights))
@@ -509,7 +509,7 @@ class SiteTrainer:
         """
         net = self.deployed(weights, plan)
         tiling = Tiling.of(self.spec)
-        if plan is not None and plan.server_round < plan.num_rounds:
+        if plan is not None and not plan.last_round:
             # Rounds before the last monitor progress; only the last measures the
             # deployed prediction with its test-time flips (4-8 times the passes).
             tiling = tiling.single_pass()

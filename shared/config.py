@@ -218,6 +218,11 @@ class TrainPlan:
     def __post_init__(self) -> None:
         check(self)
 
+    @property
+    def last_round(self) -> bool:
+        """Whether this is the run's last round, whose evaluation is what a site deploys."""
+        return self.server_round >= self.num_rounds
+
     def to_config(self) -> dict[str, Any]:
         """Flatten into keys for a ``ConfigRecord``."""
         return to_wire(self)

@@ -76,7 +76,7 @@ FINETUNE_ROUNDS: Registry[FinetuneRounds] = Registry("finetune-rounds", {
 })
 
 
-def finetunes_now(mode: str, rounds: str, server_round: int, num_rounds: int) -> bool:
+def finetunes_now(mode: str, rounds: str, last_round: bool) -> bool:
     """Return whether a site fine-tunes before this round's evaluation.
 
     Parameters
@@ -85,12 +85,12 @@ def finetunes_now(mode: str, rounds: str, server_round: int, num_rounds: int) ->
         The run's ``personalization``.
     rounds : str
         Its ``finetune-rounds``.
-    server_round, num_rounds : int
-        This round, and the rounds in the run.
+    last_round : bool
+        This is the run's last round.
     """
     if not PERSONALIZATIONS[mode].finetunes:
         return False
-    return FINETUNE_ROUNDS[rounds].every_round or server_round >= num_rounds
+    return FINETUNE_ROUNDS[rounds].every_round or last_round
 
 
 @dataclass(frozen=True)

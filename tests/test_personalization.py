@@ -363,6 +363,8 @@ def test_unknown_personalization_is_refused_with_the_closest_name() -> None:
         RunConfig.from_user_config({"personalization": "dito"})
     with pytest.raises(ConfigError, match="'finetune-scope'"):
         RunConfig.from_user_config({"finetune-scope": "bias"})
+    with pytest.raises(ConfigError, match=r"'finetune-rounds'.*final, all, got 'last'"):
+        RunConfig.from_user_config({"finetune-rounds": "last"})
 
 
 def test_export_folds_in_the_personal_model(tmp_path: Path) -> None:
