@@ -46,6 +46,7 @@ from fedseg.cli import _parse_overrides
 from server.app import initial_weights
 from server.config import RunConfig
 from server.history import MetricsHistory
+from shared.errors import ConfigError, DataError
 from shared.partition import ADAPTATIONS
 from shared.personalization import FINETUNE_ROUNDS, PERSONALIZATIONS
 from shared.run_files import RunFiles
@@ -478,25 +479,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be at least 1")
     name = args.data.resolve().name if args.data is not None else "synthetic"
     output: Path = args.output or Path("runs/bench-federation") / name
-    if args.data is None:
-        data = output / "synthetic-data"
-        write_synthetic_federation(data, args.synthetic_sites, args.synthetic_cases,
-                                   shape=(args.synthetic_size,) * 2)
-        # The preset the simulation uses for its synthetic task: minutes on a CPU.
-        planned = dict(SYNTHETIC_2D)
-    else:
-        data = args.data
-        planned = plan_sites(find_site_folders(data)).to_run_config()
-        # Each method names what its sites deploy; the plan's choice is one of them.
-        planned["personalization"] = "none"
-    folders = find_site_folders(data)
-    sites = [f.name for f in folders]
-    values: dict[str, Any] = {**planned, **_parse_overrides(args.run_config)}
-    if args.rounds is not None:
-        values["num-server-rounds"] = args.rounds
-    if args.local_steps is not None:
-        values["local-steps"] = args.local_steps
-    config = RunConfig.from_user_config(values)
+    # Bad input (a missing folder, a bad override) is one line, as in fedseg's CLI.
+    try:
+        if args.data is None:
+            data = output / "synthetic-data"
+            write_synthetic_federation(data, args.synthetic_sites, args.synthetic_cases,
+                                       shape=(args.synthetic_size,) * 2)
+            # The preset the simulation uses for its synthetic task: minutes on a CPU.
+            planned = dict(SYNTHETIC_2D)
+        else:
+            data = args.data
+            planned = plan_sites(find_site_folders(data)).to_run_config()
+            # Each method names what its sites deploy; the plan's choice is one of them.
+            planned["personalization"] = "none"
+        folders = find_site_folders(data)
+        sites = [f.name for f in folders]
+        values: dict[str, Any] = {**planned, **_parse_overrides(args.run_config)}
+        if args.rounds is not None:
+            values["num-server-rounds"] = args.rounds
+        if args.local_steps is not None:
+            values["local-steps"] = args.local_steps
+        config = RunConfig.from_user_config(values)
+    except (DataError, ConfigError) as exc:
+        parser.error(str(exc))
     rounds, local_steps = config.num_server_rounds, config.training.local_steps
     if local_steps < 1:
         parser.error("equal steps per site need local-steps >= 1 (local-epochs vary with "

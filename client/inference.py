@@ -61,13 +61,10 @@ class Tiling:
     def of(cls, spec: ModelSpec) -> Tiling:
         """Return the tiling a model was trained for: patch size, planned resize and flips.
 
-        With ``test-time-flips``, a model trained on patches (which training flips
-        along every axis) predicts from every flipped copy, as nnU-Net does; a model
-        trained on whole resized images never saw a flip (a chest has a left and a
-        right), so it predicts in one pass.
+        With ``test-time-flips``, a model predicts from every flipped copy it was
+        trained on (:func:`trained_flips`), as nnU-Net does.
         """
-        flipped = spec.test_time_flips and spec.resize != spec.patch_size
-        flips = tuple(flip_axes(len(spec.patch_size))) if flipped else ((),)
+        flips = trained_flips(spec) if spec.test_time_flips else ((),)
         return cls(spec.patch_size, spec.resize, flips=flips)
 
     def single_pass(self) -> Tiling:
@@ -188,6 +185,18 @@ def predict_probabilities(net: nn.Module, image: np.ndarray, tiling: Tiling,
     return torch.softmax(logits.float(), dim=1)[0]
 
 
+def trained_flips(spec: ModelSpec) -> tuple[tuple[int, ...], ...]:
+    """Return the flips a model saw in training, the identity ``()`` first.
+
+    Training flips patches along every axis, so a patch-trained model knows every
+    flipped copy; a model trained on whole resized images never saw one (a chest
+    has a left and a right), so only ``((),)``.
+    """
+    if spec.resize == spec.patch_size:
+        return ((),)
+    return tuple(flip_axes(len(spec.patch_size)))
+
+
 def flip_axes(spatial_dims: int) -> list[tuple[int, ...]]:
     """Return every combination of spatial axes to flip, the identity ``()`` first.
 
@@ -223,7 +232,8 @@ class UncertainPrediction:
         ``float32`` predictive entropy of those averaged probabilities, divided
         by log(num_classes), in ``[0, 1]``.
     passes : int
-        Forward passes averaged (4 in 2D, 8 in 3D).
+        Forward passes averaged: 4 in 2D and 8 in 3D for a patch-trained model, 1
+        for one trained on whole resized images (:func:`trained_flips`).
     """
 
     classes: np.ndarray
@@ -235,20 +245,20 @@ def predict_with_uncertainty(net: nn.Module, image: np.ndarray, tiling: Tiling,
                              device: torch.device) -> UncertainPrediction:
     """Predict by test-time augmentation with flips and measure where the passes disagree.
 
-    The image is flipped along every combination of spatial axes, each copy goes
-    through :func:`predict_probabilities` (same parameters), and its
-    probabilities are flipped back and averaged. A flip is its own exact
-    inverse, so every pass lands on the original voxel grid without
-    interpolation. The uncertainty is the normalised predictive entropy of the
-    average (:func:`normalized_entropy`): it grows where the network is unsure
-    in each pass and where the passes disagree.
+    The image is flipped along each of ``tiling.flips``, each copy goes through
+    :func:`predict_probabilities` (same parameters), and its probabilities are
+    flipped back and averaged. A flip is its own exact inverse, so every pass
+    lands on the original voxel grid without interpolation. The uncertainty is
+    the normalised predictive entropy of the average (:func:`normalized_entropy`):
+    it grows where the network is unsure in each pass and where the passes
+    disagree. With one pass it is that pass's entropy.
 
     Returns
     -------
     UncertainPrediction
         The averaged mask, the uncertainty map and the number of passes.
     """
-    combos = flip_axes(image.ndim - 1)
+    combos = tiling.flips
     mean = _mean_probabilities(net, image, tiling, combos, device)
     return UncertainPrediction(
         classes=class_map(mean),

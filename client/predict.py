@@ -7,7 +7,7 @@ import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,13 @@ from client.imaging import (
     write_map,
     write_mask,
 )
-from client.inference import Tiling, predict_classes, predict_with_uncertainty, resolve_device
+from client.inference import (
+    Tiling,
+    predict_classes,
+    predict_with_uncertainty,
+    resolve_device,
+    trained_flips,
+)
 from client.personal import FILE_NAME as PERSONAL_FILE
 from client.personal import load_personal_model, weights_digest
 from client.site_state import FILE_NAME as LOCAL_LAYERS
@@ -371,8 +377,9 @@ def predict_folder(model: Path, input_dir: Path, output_dir: Path,
     is written, so a refused call leaves the disk as it was.
 
     With ``uncertainty`` each image is predicted by test-time augmentation over
-    flips (:func:`~client.inference.predict_with_uncertainty`): its mask is the
-    flip-averaged prediction, an uncertainty map in the mask's format and
+    the flips its model was trained on (:func:`~client.inference.predict_with_uncertainty`,
+    :func:`~client.inference.trained_flips`): its mask is the flip-averaged
+    prediction, an uncertainty map in the mask's format and
     geometry goes beside it (:func:`uncertainty_path`), and
     :data:`UNCERTAINTY_CSV` lists the cases, most uncertain first.
 
@@ -391,6 +398,9 @@ def predict_folder(model: Path, input_dir: Path, output_dir: Path,
     torch_device = resolve_device(device)
     net.to(torch_device)
     tiling = Tiling.of(spec)
+    # Uncertainty averages only flips the model was trained on, even when
+    # test-time-flips is off: a mirrored chest is not a plausible input.
+    uncertain = replace(tiling, flips=trained_flips(spec))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -403,7 +413,7 @@ def predict_folder(model: Path, input_dir: Path, output_dir: Path,
         out = mask_path(image, output_dir)
         summary = None
         if uncertainty:
-            result = predict_with_uncertainty(net, array, tiling, torch_device)
+            result = predict_with_uncertainty(net, array, uncertain, torch_device)
             mask = result.classes
             map_out = uncertainty_path(image, output_dir)
             with _writing(map_out):

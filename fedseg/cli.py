@@ -99,15 +99,20 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from simulations.sites import find_site_folders, plan_sites, read_site_settings
+    from shared.planning import make_plan
+    from simulations.pretrain import starting_model
+    from simulations.sites import find_site_folders, read_site_settings, site_fingerprints
 
     folders = find_site_folders(args.data)
     site_settings = read_site_settings(args.site_config) if args.site_config else {}
-    plan = plan_sites(folders, site_settings)
+    fingerprints = site_fingerprints(folders, site_settings)
+    plan = make_plan(fingerprints)
     print(f"plan for {len(folders)} site(s) in {args.data} "
           f"({', '.join(f.name for f in folders)}), from their data fingerprints:")
     for line in plan.reasons:
         print(f"  {line}")
+    if any(fp.dp_patients for fp in fingerprints):
+        print(f"  {starting_model(fingerprints)}")
     print("run config (any key can be overridden with --run-config):")
     for key, value in plan.to_run_config().items():
         print(f"  {key} = {value!r}" if isinstance(value, str) else f"  {key} = {value}")

@@ -129,6 +129,21 @@ def pretrain(family: str, spec: ModelSpec, work: Path, cases: int, steps: int, b
     return record, weights
 
 
+def starting_model(fingerprints: Sequence[Fingerprint]) -> str:
+    """Say what a planned DP-SGD simulation of these sites starts from, in one line.
+
+    ``fedseg plan`` prints it; :func:`public_start` acts on the same choice.
+    """
+    family = choose_family(fingerprints)
+    if family is None:
+        return ("no public phantom family fits these sites: DP-SGD trains every parameter from "
+                "random weights (name a starting model with --run-config \"initial-model=...\")")
+    budget = DEFAULTS[family]
+    return (f"fedseg simulate starts DP-SGD from the planned network pretrained on "
+            f"{budget['cases']} public '{family}' phantoms ({budget['steps']} steps); the sites "
+            f"train dp-trainable '{DP_TRAINABLE}' unless the run config names initial-model")
+
+
 def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
                  run_dir: Path, echo: Callable[[str], None]) -> dict[str, Any]:
     """Return ``values`` starting from a public phantom model, when a family fits.
@@ -152,8 +167,7 @@ def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
     """
     family = choose_family(fingerprints)
     if family is None:
-        echo("no public phantom family fits these sites: DP-SGD trains every parameter from "
-             "random weights (name a starting model with --run-config \"initial-model=...\")")
+        echo(starting_model(fingerprints))
         return dict(values)
     # As the ServerApp's planning round: planned keys the values leave `auto`.
     spec = RunConfig.from_user_config(values, make_plan(fingerprints).to_run_config()).model

@@ -149,3 +149,18 @@ def test_ditto_takes_the_budget_in_two_halves(data: Path, tmp_path: Path) -> Non
         "site-a deployed", "site-b deployed"]
     assert "- ditto: each round 1 steps of the global model + 1 of the personal one" in (
         out / "federation.md").read_text()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--data", "no-such-folder"], "data folder not found"),
+    (["--run-config", "channels='7'"], "run config key 'channels'"),
+])
+def test_bad_input_is_one_line(extra: list[str], needle: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--seeds", "1", "--output", str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err

@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 
 from benchmarks.pretrain import PRESETS, main, model_spec
+from fedseg.cli import main as cli_main
 from server.app import initial_weights
 from server.config import RunConfig
 from server.history import MetricsHistory
@@ -25,7 +26,15 @@ from simulations.phantom_families import (
     vessel_phantom,
     write_family_site,
 )
-from simulations.pretrain import DEFAULTS, PROFILES, choose_family, public_start
+from simulations.phantoms import write_synthetic_federation
+from simulations.pretrain import (
+    DEFAULTS,
+    DP_TRAINABLE,
+    PROFILES,
+    choose_family,
+    public_start,
+    starting_model,
+)
 from simulations.simulate import SimulationRequest, run_simulation
 from simulations.sites import plan_sites
 from tests.test_planning import _fp
@@ -119,6 +128,27 @@ def test_no_fitting_family_leaves_the_run_config_and_says_so(tmp_path: Path) -> 
     values = {"num-server-rounds": 2}
     assert public_start([_fp(channels=3, thickness=7.7)], values, tmp_path, said.append) == values
     assert "random weights" in said[0] and not list(tmp_path.iterdir())
+
+
+def test_fedseg_plan_says_what_a_dp_simulation_starts_from(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lung = [_fp(num_cases=94, dp_patients=94), _fp(num_cases=358)]
+    budget = DEFAULTS["lung"]
+    assert starting_model(lung) == (
+        f"fedseg simulate starts DP-SGD from the planned network pretrained on "
+        f"{budget['cases']} public 'lung' phantoms ({budget['steps']} steps); the sites train "
+        f"dp-trainable '{DP_TRAINABLE}' unless the run config names initial-model")
+    assert "random weights" in starting_model([_fp(channels=3, thickness=7.7)])
+    # The line is printed only when the sites train under DP-SGD.
+    data = tmp_path / "data"
+    write_synthetic_federation(data, num_sites=1, cases_per_site=4, shape=(16, 16))
+    site_toml = tmp_path / "site.toml"
+    site_toml.write_text("dp-enabled = true\ndp-target-epsilon = 8\ndp-max-epsilon = 8\n")
+    assert cli_main(["plan", "--data", str(data)]) == 0
+    assert "DP-SGD" not in capsys.readouterr().out
+    assert cli_main(["plan", "--data", str(data), "--site-config", str(site_toml)]) == 0
+    out = capsys.readouterr().out
+    assert sum("DP-SGD trains every parameter" in line for line in out.splitlines()) == 1
 
 
 def test_a_planned_dp_simulation_starts_from_public_phantoms_and_trains_the_decoder(

@@ -23,6 +23,7 @@ from client.inference import (
     normalized_entropy,
     predict_probabilities,
     predict_with_uncertainty,
+    trained_flips,
 )
 from client.predict import (
     CSV_COLUMNS,
@@ -101,7 +102,7 @@ def test_every_flip_is_inverted_onto_the_original_grid(shape: tuple[int, ...]) -
     # mirrored voxels, and the average would differ from the single pass.
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
     image = (sum(g * (k + 1) for k, g in enumerate(grids)) + 0.3)[None].astype(np.float32)
-    tiling = Tiling((8,) * len(shape))
+    tiling = Tiling((8,) * len(shape), flips=tuple(flip_axes(len(shape))))
     single = predict_probabilities(Pointwise(), image, tiling, CPU)
     result = predict_with_uncertainty(Pointwise(), image, tiling, CPU)
     assert result.passes == 2 ** len(shape)
@@ -111,6 +112,31 @@ def test_every_flip_is_inverted_onto_the_original_grid(shape: tuple[int, ...]) -
                                atol=1e-5)
     # Uncertain where the logits tie (image near 0), certain at the ends of the ramp.
     assert result.uncertainty.max() > 0.99 and result.uncertainty.min() < 0.01
+
+
+def test_uncertainty_uses_only_the_flips_a_model_was_trained_on() -> None:
+    patches = ModelSpec(channels=(8, 16), patch_size=(16, 16), test_time_flips=False)
+    whole = replace(patches, resize=(16, 16))
+    # Patch training flips every axis, whatever test-time-flips says about prediction.
+    assert trained_flips(patches) == ((), (0,), (1,), (0, 1))
+    # Whole resized images are never flipped in training (a chest has a left and a right).
+    assert trained_flips(whole) == ((),)
+
+
+def test_a_whole_image_model_gives_one_pass_and_the_plain_mask(tmp_path: Path) -> None:
+    spec = ModelSpec(channels=(8, 16), patch_size=(16, 16), resize=(16, 16), in_channels=3)
+    images = png_folder(tmp_path / "in")
+    model = model_file(tmp_path, spec)
+    assert predict(model, images, tmp_path / "plain") == 0
+    assert predict(model, images, tmp_path / "tta", "--uncertainty") == 0
+    for mask in ("a.png", "b.png"):
+        assert (tmp_path / "tta" / mask).read_bytes() == (tmp_path / "plain" / mask).read_bytes()
+    net = build_network(spec).eval()
+    image = np.random.default_rng(1).random((3, 20, 24)).astype(np.float32)
+    result = predict_with_uncertainty(net, image, Tiling.of(spec), CPU)
+    single = predict_probabilities(net, image, Tiling.of(spec), CPU)
+    assert result.passes == 1
+    np.testing.assert_allclose(result.uncertainty, normalized_entropy(single).numpy(), atol=1e-6)
 
 
 def test_flip_combinations() -> None:
