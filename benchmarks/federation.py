@@ -13,9 +13,10 @@ personal model). All of them train with the settings planned from the sites' dat
 fingerprints (:func:`simulations.sites.plan_sites`), and each site takes
 ``rounds x local-steps`` optimiser steps whatever the method; pooled training
 takes the sum over sites. Ditto trains two models, so each gets half the local
-steps (``2 x floor(local-steps / 2)`` per round in all); local fine-tuning adds
-``finetune-steps`` before the last evaluation (``finetune-rounds``), which the
-report states beside the budget. Seeds ``0..N-1`` set the run config's ``seed``
+steps (``2 x floor(local-steps / 2)`` per round in all); local fine-tuning takes
+its ``finetune-steps`` out of the budget in whole rounds (the federation runs
+``rounds - ceil(finetune-steps / local-steps)`` rounds), as the report states
+beside the budget. Seeds ``0..N-1`` set the run config's ``seed``
 (initial weights, and mixed with each site's seed and the round into its local
 training).
 
@@ -80,23 +81,48 @@ def _personalization(method: str) -> str:
     return str(FEDERATED.get(method, {}).get("personalization", "none"))
 
 
-def method_values(method: str, values: Mapping[str, Any], local_steps: int) -> dict[str, Any]:
+def finetune_steps(method: str, values: Mapping[str, Any]) -> int:
+    """Return the fine-tuning steps ``method`` gives the deployed model (0: it does not)."""
+    if not PERSONALIZATIONS[_personalization(method)].finetunes:
+        return 0
+    training = RunConfig.from_user_config({**values, **FEDERATED[method]}).training
+    return training.finetune_steps or training.local_steps
+
+
+def method_rounds(method: str, values: Mapping[str, Any], rounds: int, local_steps: int) -> int:
+    """Return the federated rounds of ``method`` within a budget of ``rounds x local_steps``.
+
+    A fine-tune's steps come out of the budget: it takes whole rounds, so the
+    federation runs ``rounds - ceil(finetune-steps / local-steps)`` of them.
+    """
+    return rounds - math.ceil(finetune_steps(method, values) / local_steps)
+
+
+def method_values(method: str, values: Mapping[str, Any], rounds: int,
+                  local_steps: int) -> dict[str, Any]:
     """Return the run config of federated ``method``: ``values`` with its overrides.
 
     A method that trains a personal model beside the global one (Ditto) gets half
-    the local steps for each, so that the site's optimiser steps stay the budget's.
+    the local steps for each, and a fine-tuning one fewer rounds
+    (:func:`method_rounds`), so that the site's optimiser steps stay the budget's.
     """
     out = {**values, **FEDERATED[method]}
     if PERSONALIZATIONS[_personalization(method)].trains_personal:
         out["local-steps"] = local_steps // 2
+    if finetune_steps(method, values):
+        out["num-server-rounds"] = method_rounds(method, values, rounds, local_steps)
     return out
 
 
-def method_steps(method: str, rounds: int, local_steps: int) -> int:
-    """Return the optimiser steps each site takes over the run in ``method`` (pooled: per site)."""
+def method_steps(method: str, values: Mapping[str, Any], rounds: int, local_steps: int) -> int:
+    """Return the optimiser steps each site's training rounds take in ``method``.
+
+    What the metrics history counts: without a fine-tune's steps, with both of
+    Ditto's models.
+    """
     if PERSONALIZATIONS[_personalization(method)].trains_personal:
         return rounds * 2 * (local_steps // 2)
-    return rounds * local_steps
+    return method_rounds(method, values, rounds, local_steps) * local_steps
 
 
 def budget_notes(methods: Sequence[str], values: Mapping[str, Any], rounds: int,
@@ -105,21 +131,23 @@ def budget_notes(methods: Sequence[str], values: Mapping[str, Any], rounds: int,
     notes = {}
     for method in methods:
         mode = PERSONALIZATIONS[_personalization(method)]
+        trained = method_steps(method, values, rounds, local_steps)
         if mode.trains_personal:
             half = local_steps // 2
             odd = " (one fewer per round than the others: local-steps is odd)" \
                 if local_steps % 2 else ""
             notes[method] = (f"each round {half} steps of the global model + {half} of the "
-                             f"personal one = {method_steps(method, rounds, local_steps)} steps "
-                             f"per site{odd}")
+                             f"personal one = {trained} steps per site{odd}")
         elif mode.finetunes:
-            training = RunConfig.from_user_config({**values, **FEDERATED[method]}).training
-            steps = training.finetune_steps or local_steps
-            when = ("each evaluation" if FINETUNE_ROUNDS[training.finetune_rounds].every_round
-                    else "the last evaluation")
-            notes[method] = (f"+ {steps} fine-tuning steps of a copy of the global model before "
-                             f"{when}, not counted above; the deployed model has had the "
-                             f"budget + {steps}")
+            steps = finetune_steps(method, values)
+            every = FINETUNE_ROUNDS[RunConfig.from_user_config(
+                {**values, **FEDERATED[method]}).training.finetune_rounds].every_round
+            when = "each evaluation (the last one is deployed)" if every else \
+                "the last evaluation"
+            notes[method] = (f"{method_rounds(method, values, rounds, local_steps)} rounds "
+                             f"({trained} steps), then {steps} fine-tuning steps of a copy of "
+                             f"the global model before {when}: the deployed model has had "
+                             f"{trained + steps} steps")
     return notes
 
 
@@ -506,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     if local_steps < 1:
         parser.error("equal steps per site need local-steps >= 1 (local-epochs vary with "
                      "a site's size)")
+    short = [m for m in args.methods if m not in CENTRALISED
+             and method_rounds(m, values, rounds, local_steps) < 1]
+    if short:
+        parser.error(f"{short[0]} takes its fine-tuning steps out of the budget of "
+                     f"{rounds} rounds and leaves no round to federate: raise --rounds")
     if local_steps < 2 and any(PERSONALIZATIONS[_personalization(m)].trains_personal
                                for m in args.methods):
         parser.error("ditto splits each round's local steps between its two models: it needs "
@@ -521,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = centralised(folders, RunConfig.from_user_config(seeded), method == POOLED,
                                   where / "site-state")
             else:
-                run = federated(data, method_values(method, seeded, local_steps), where,
+                run = federated(data, method_values(method, seeded, rounds, local_steps), where,
                                 echo=lambda line: print("   ", line, flush=True))
             runs[method].append(run)
 
@@ -531,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     def expected(method: str) -> dict[str, int]:
         if method == POOLED:
             return {POOLED: budget["pooled_steps"]}
-        return dict.fromkeys(sites, method_steps(method, rounds, local_steps))
+        return dict.fromkeys(sites, method_steps(method, values, rounds, local_steps))
 
     equal = all(run.steps == expected(m) for m, seed_runs in runs.items() for run in seed_runs)
     summary = summarise(runs, sites)

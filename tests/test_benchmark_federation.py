@@ -15,6 +15,7 @@ from benchmarks.federation import (
     acceptance,
     budget_notes,
     main,
+    method_rounds,
     method_steps,
     method_values,
     summarise,
@@ -47,22 +48,42 @@ def test_every_site_local_mode_is_a_method() -> None:
     assert "local-head" in FEDERATED
 
 
-def test_ditto_splits_the_budget_and_finetune_states_its_extra_steps() -> None:
+def test_ditto_splits_the_budget_and_finetune_takes_its_steps_out_of_it() -> None:
     values = {"local-steps": 7, "finetune-steps": 5}
-    assert method_values("ditto", values, 7) == {
+    assert method_values("ditto", values, 4, 7) == {
         "local-steps": 3, "finetune-steps": 5, "strategy": "fedavg", "personalization": "ditto"}
-    assert method_values("finetune", values, 7)["local-steps"] == 7
-    assert method_steps("ditto", 4, 8) == method_steps("fedavg", 4, 8) == 32
-    assert method_steps("ditto", 4, 7) == 24 and method_steps("finetune", 4, 7) == 28
+    # 5 fine-tuning steps take one whole round of 7 out of the 4.
+    assert method_values("finetune", values, 4, 7) == {
+        "local-steps": 7, "finetune-steps": 5, "strategy": "fedavg",
+        "personalization": "finetune", "num-server-rounds": 3}
+    assert method_rounds("finetune", values, 4, 7) == 3
+    assert method_rounds("finetune", {"local-steps": 7, "finetune-steps": 15}, 4, 7) == 1
+    # finetune-steps 0 means one round's steps: one round.
+    assert method_rounds("finetune", {"local-steps": 7}, 4, 7) == 3
+    assert method_rounds("fedavg", values, 4, 7) == 4
+    assert method_steps("ditto", values, 4, 8) == method_steps("fedavg", values, 4, 8) == 32
+    assert method_steps("ditto", values, 4, 7) == 24
+    assert method_steps("finetune", values, 4, 7) == 21
     notes = budget_notes(["fedavg", "ditto", "finetune"], values, 4, 7)
     assert notes == {
         "ditto": "each round 3 steps of the global model + 3 of the personal one = 24 steps per "
                  "site (one fewer per round than the others: local-steps is odd)",
-        "finetune": "+ 5 fine-tuning steps of a copy of the global model before the last "
-                    "evaluation, not counted above; the deployed model has had the budget + 5",
+        "finetune": "3 rounds (21 steps), then 5 fine-tuning steps of a copy of the global model "
+                    "before the last evaluation: the deployed model has had 26 steps",
     }
-    every = budget_notes(["finetune"], {"finetune-rounds": "all"}, 4, 7)["finetune"]
-    assert every.startswith("+ 7 fine-tuning steps of a copy of the global model before each ")
+    every = budget_notes(["finetune"], {"local-steps": 7, "finetune-rounds": "all"}, 4, 7)
+    assert every["finetune"] == (
+        "3 rounds (21 steps), then 7 fine-tuning steps of a copy of the global model before each "
+        "evaluation (the last one is deployed): the deployed model has had 28 steps")
+
+
+def test_a_budget_with_no_round_left_to_federate_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--seeds", "1", "--methods", "finetune", "--output", str(tmp_path / "out"),
+              *TINY])
+    assert "finetune takes its fine-tuning steps out of the budget of 1 rounds" in (
+        capsys.readouterr().err)
 
 
 def test_summary_is_mean_and_sample_std_over_seeds_and_differences_per_site() -> None:
