@@ -24,7 +24,8 @@ Validation Dice is measured at full resolution on each site's held-out cases. Th
 command writes ``federation.json`` (everything, per seed, round and site),
 ``federation.md`` (mean ± standard deviation over seeds per site, differences
 from local-only and pooled, the cross-site tables) and ``federation.png`` (mean
-Dice per round per method), and prints the Markdown.
+Dice per round per method) after every seed, so a long run stopped early keeps
+the seeds it finished, and prints the Markdown at the end.
 """
 
 from __future__ import annotations
@@ -545,6 +546,37 @@ def main(argv: list[str] | None = None) -> int:
                      "local-steps >= 2")
 
     runs: dict[str, list[MethodRun]] = {m: [] for m in args.methods}
+    budget = {"rounds": rounds, "local_steps": local_steps,
+              "steps_per_site": rounds * local_steps,
+              "pooled_steps": rounds * local_steps * len(sites)}
+
+    def expected(method: str) -> dict[str, int]:
+        if method == POOLED:
+            return {POOLED: budget["pooled_steps"]}
+        return dict.fromkeys(sites, method_steps(method, values, rounds, local_steps))
+
+    def write(seeds: int) -> str:
+        # Written after every seed: a long benchmark stopped early keeps its finished seeds.
+        equal = all(run.steps == expected(m) for m, seed_runs in runs.items()
+                    for run in seed_runs)
+        summary = summarise(runs, sites)
+        report: dict[str, Any] = {
+            "data": str(data), "sites": sites, "seeds": list(range(seeds)),
+            "methods": args.methods, "run_config": values, "budget": budget,
+            "equal_steps": equal,
+            "budget_notes": budget_notes(args.methods, values, rounds, local_steps),
+            "summary": summary, "acceptance": acceptance(summary, sites),
+            "runs": {m: [{"seed": seed, **asdict(r)} for seed, r in enumerate(seed_runs)]
+                     for m, seed_runs in runs.items()},
+        }
+        output.mkdir(parents=True, exist_ok=True)
+        text = markdown(report)
+        (output / "federation.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+        (output / "federation.md").write_text(text)
+        plot(summary, output / "federation.png")
+        return text
+
+    text = ""
     for seed in range(args.seeds):
         seeded = {**values, "seed": seed}
         for method in args.methods:
@@ -557,30 +589,8 @@ def main(argv: list[str] | None = None) -> int:
                 run = federated(data, method_values(method, seeded, rounds, local_steps), where,
                                 echo=lambda line: print("   ", line, flush=True))
             runs[method].append(run)
-
-    budget = {"rounds": rounds, "local_steps": local_steps,
-              "steps_per_site": rounds * local_steps,
-              "pooled_steps": rounds * local_steps * len(sites)}
-    def expected(method: str) -> dict[str, int]:
-        if method == POOLED:
-            return {POOLED: budget["pooled_steps"]}
-        return dict.fromkeys(sites, method_steps(method, values, rounds, local_steps))
-
-    equal = all(run.steps == expected(m) for m, seed_runs in runs.items() for run in seed_runs)
-    summary = summarise(runs, sites)
-    report: dict[str, Any] = {
-        "data": str(data), "sites": sites, "seeds": list(range(args.seeds)),
-        "methods": args.methods, "run_config": values, "budget": budget, "equal_steps": equal,
-        "budget_notes": budget_notes(args.methods, values, rounds, local_steps),
-        "summary": summary, "acceptance": acceptance(summary, sites),
-        "runs": {m: [{"seed": seed, **asdict(r)} for seed, r in enumerate(seed_runs)]
-                 for m, seed_runs in runs.items()},
-    }
-    output.mkdir(parents=True, exist_ok=True)
-    text = markdown(report)
-    (output / "federation.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
-    (output / "federation.md").write_text(text)
-    plot(summary, output / "federation.png")
+        text = write(seed + 1)
+        print(f"== seeds 0-{seed} written to {output / 'federation.json'}", flush=True)
     print("\n" + text)
     print(f"wrote {output / 'federation.json'}, federation.md and federation.png")
     return 0
