@@ -37,8 +37,9 @@ from server.config import RunConfig
 from shared.checkpoint import Checkpoint
 from shared.config import ModelSpec
 from simulations.phantom_families import FAMILIES
-from simulations.pretrain import DEFAULTS, pretrain
+from simulations.pretrain import pretrain
 from simulations.sites import find_site_folders
+from simulations.starting import DEFAULTS
 
 #: The model each family is pretrained for: what ``fedseg plan`` chooses for the
 #: real data it resembles (tests/test_pretrain.py checks the planner agrees).

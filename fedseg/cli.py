@@ -100,8 +100,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from shared.planning import make_plan
-    from simulations.pretrain import starting_model
     from simulations.sites import find_site_folders, read_site_settings, site_fingerprints
+    from simulations.starting import starting_model
 
     folders = find_site_folders(args.data)
     site_settings = read_site_settings(args.site_config) if args.site_config else {}

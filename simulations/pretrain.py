@@ -8,9 +8,9 @@ DP-SGD from random weights spends a site's whole privacy budget on what any
 segmentation network must learn. So when ``fedseg simulate`` runs sites under
 DP-SGD on a planned configuration and names no ``initial-model``,
 :func:`public_start` looks for a phantom family whose profile
-(:data:`PROFILES`) fits the sites' combined fingerprint, pretrains the planned
-network on it in the simulating process, and starts the run from that model with
-only the decoder trained under DP. A deployment does the same by hand: the
+(:data:`simulations.starting.PROFILES`) fits the sites' combined fingerprint,
+pretrains the planned network on it in the simulating process, and starts the run
+from that model with only the decoder trained under DP. A deployment does the same by hand: the
 coordinator pretrains (or obtains) a public model and names it in the run config;
 the ServerApp never trains.
 """
@@ -21,7 +21,6 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,59 +30,9 @@ from server.config import RunConfig
 from shared.checkpoint import Checkpoint
 from shared.config import ModelSpec, TrainPlan
 from shared.networks import seed_everything
-from shared.planning import Fingerprint, combine, make_plan
+from shared.planning import Fingerprint, make_plan
 from simulations.phantom_families import write_family_site
-
-#: Phantoms drawn and optimiser steps taken by default: about 5-8 CPU-minutes each
-#: at the preset architectures of ``benchmarks.pretrain``, under one at the private plan's.
-DEFAULTS: dict[str, dict[str, int]] = {
-    "lung": {"cases": 160, "steps": 240, "batch": 8},
-    "vessel": {"cases": 40, "steps": 900, "batch": 8},
-}
-
-#: What the sites train from a public starting model under DP-SGD: the decoder
-#: (measured on chest X-ray at epsilon 8, README "Differential privacy").
-DP_TRAINABLE = "decoder"
-
-
-@dataclass(frozen=True)
-class Profile:
-    """The data a phantom family stands in for, in terms of a combined fingerprint.
-
-    Attributes
-    ----------
-    spatial_dims, channels : int
-        Image geometry the sites must share with the phantoms.
-    min_thickness, max_thickness : float
-        Range of the median structure thickness at native resolution, in pixels.
-    """
-
-    spatial_dims: int
-    channels: int
-    min_thickness: float
-    max_thickness: float
-
-    def fits(self, fingerprint: Fingerprint) -> bool:
-        """Return whether sites with ``fingerprint`` look like this family's data."""
-        return (fingerprint.spatial_dims == self.spatial_dims
-                and fingerprint.channels == self.channels
-                and self.min_thickness <= fingerprint.thickness <= self.max_thickness)
-
-
-#: Families a DP simulation may start from by itself. Only ``lung`` is here: from
-#: the vessel phantoms, DP-SGD on the retina sites (13-26 images each) was measured
-#: to lose what the starting model knew, so a retina-like federation starts from
-#: random weights unless the run names a model.
-PROFILES: dict[str, Profile] = {
-    # Grey 2D images of large organs (lung fields are about 100 px thick at 512 px).
-    "lung": Profile(spatial_dims=2, channels=1, min_thickness=32.0, max_thickness=float("inf")),
-}
-
-
-def choose_family(fingerprints: Sequence[Fingerprint]) -> str | None:
-    """Return the first family of :data:`PROFILES` the sites' combined fingerprint fits."""
-    combined = combine(fingerprints)
-    return next((name for name, p in PROFILES.items() if p.fits(combined)), None)
+from simulations.starting import DEFAULTS, DP_TRAINABLE, choose_family, starting_model
 
 
 def pretrain(family: str, spec: ModelSpec, work: Path, cases: int, steps: int, batch: int,
@@ -127,21 +76,6 @@ def pretrain(family: str, spec: ModelSpec, work: Path, cases: int, steps: int, b
         "cpu_seconds": time.process_time() - cpu,
     }
     return record, weights
-
-
-def starting_model(fingerprints: Sequence[Fingerprint]) -> str:
-    """Say what a planned DP-SGD simulation of these sites starts from, in one line.
-
-    ``fedseg plan`` prints it; :func:`public_start` acts on the same choice.
-    """
-    family = choose_family(fingerprints)
-    if family is None:
-        return ("no public phantom family fits these sites: DP-SGD trains every parameter from "
-                "random weights (name a starting model with --run-config \"initial-model=...\")")
-    budget = DEFAULTS[family]
-    return (f"fedseg simulate starts DP-SGD from the planned network pretrained on "
-            f"{budget['cases']} public '{family}' phantoms ({budget['steps']} steps); the sites "
-            f"train dp-trainable '{DP_TRAINABLE}' unless the run config names initial-model")
 
 
 def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],

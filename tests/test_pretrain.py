@@ -27,16 +27,16 @@ from simulations.phantom_families import (
     write_family_site,
 )
 from simulations.phantoms import write_synthetic_federation
-from simulations.pretrain import (
+from simulations.pretrain import public_start
+from simulations.simulate import SimulationRequest, run_simulation
+from simulations.sites import plan_sites
+from simulations.starting import (
     DEFAULTS,
     DP_TRAINABLE,
     PROFILES,
     choose_family,
-    public_start,
     starting_model,
 )
-from simulations.simulate import SimulationRequest, run_simulation
-from simulations.sites import plan_sites
 from tests.test_planning import _fp
 
 

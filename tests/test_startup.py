@@ -67,8 +67,14 @@ def test_help_loads_no_heavy_library(argv: tuple[str, ...]) -> None:
     assert run_fedseg(*argv) == (0, [])
 
 
-def test_plan_and_site_check_load_no_heavy_library(site: Path) -> None:
+def test_plan_and_site_check_load_no_heavy_library(site: Path, tmp_path: Path) -> None:
     assert run_fedseg("plan", "--data", str(site.parent)) == (0, [])
+    # The private plan too, with its line on the starting model: only Flower's config
+    # parser loads, which reads the TOML as flower-supernode --node-config does.
+    dp = tmp_path / "dp-site.toml"
+    dp.write_text("dp-enabled = true\ndp-target-epsilon = 8\ndp-max-epsilon = 8\n")
+    assert run_fedseg("plan", "--data", str(site.parent), "--site-config", str(dp)) == (
+        0, ["flwr"])
     assert run_fedseg("site", "check", "--data", str(site)) == (0, [])
 
 
