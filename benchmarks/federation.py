@@ -48,6 +48,7 @@ from fedseg.cli import _parse_overrides
 from server.app import initial_weights
 from server.config import RunConfig
 from server.history import MetricsHistory
+from shared.config import TrainPlan
 from shared.errors import ConfigError, DataError
 from shared.partition import ADAPTATIONS
 from shared.personalization import FINETUNE_ROUNDS, PERSONALIZATIONS
@@ -82,12 +83,17 @@ def _personalization(method: str) -> str:
     return str(FEDERATED.get(method, {}).get("personalization", "none"))
 
 
+def _finetune_plan(method: str, values: Mapping[str, Any]) -> TrainPlan | None:
+    """Return the training settings of a fine-tuning ``method`` (``None``: it does not)."""
+    if not PERSONALIZATIONS[_personalization(method)].finetunes:
+        return None
+    return RunConfig.from_user_config({**values, **FEDERATED[method]}).training
+
+
 def finetune_steps(method: str, values: Mapping[str, Any]) -> int:
     """Return the fine-tuning steps ``method`` gives the deployed model (0: it does not)."""
-    if not PERSONALIZATIONS[_personalization(method)].finetunes:
-        return 0
-    training = RunConfig.from_user_config({**values, **FEDERATED[method]}).training
-    return training.finetune_steps or training.local_steps
+    training = _finetune_plan(method, values)
+    return 0 if training is None else training.finetune_steps or training.local_steps
 
 
 def method_rounds(method: str, values: Mapping[str, Any], rounds: int, local_steps: int) -> int:
@@ -139,12 +145,11 @@ def budget_notes(methods: Sequence[str], values: Mapping[str, Any], rounds: int,
                 if local_steps % 2 else ""
             notes[method] = (f"each round {half} steps of the global model + {half} of the "
                              f"personal one = {trained} steps per site{odd}")
-        elif mode.finetunes:
+        elif (training := _finetune_plan(method, values)) is not None:
             steps = finetune_steps(method, values)
-            every = FINETUNE_ROUNDS[RunConfig.from_user_config(
-                {**values, **FEDERATED[method]}).training.finetune_rounds].every_round
-            when = "each evaluation (the last one is deployed)" if every else \
-                "the last evaluation"
+            when = ("each evaluation (the last one is deployed)"
+                    if FINETUNE_ROUNDS[training.finetune_rounds].every_round
+                    else "the last evaluation")
             notes[method] = (f"{method_rounds(method, values, rounds, local_steps)} rounds "
                              f"({trained} steps), then {steps} fine-tuning steps of a copy of "
                              f"the global model before {when}: the deployed model has had "
