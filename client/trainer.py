@@ -466,10 +466,10 @@ class SiteTrainer:
         torch.manual_seed(seed)
         loader = DataLoader(self._patches(seed), batch_size=plan.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
-        rate = plan.learning_rate * plan.finetune_lr_factor
-        fit(net, _batches(loader, plan.finetune_steps or self.steps_for(plan)),
+        steps = plan.finetune_steps or self.steps_for(plan)
+        fit(net, _batches(loader, steps),
             _optimiser([p for p in net.parameters() if p.requires_grad], plan), _mean_loss,
-            self.device, lambda step: rate)
+            self.device, partial(finetune_rate, plan, steps=steps))
         self.personal_models.keep(net, plan.server_round, weights_digest(weights))
         return net
 
@@ -611,6 +611,18 @@ def _rate(plan: TrainPlan, step: int, steps: int) -> float:
     """Return the scheduled learning rate of ``step`` (the personal model follows it too)."""
     return learning_rate(plan.lr_schedule, plan.learning_rate, plan.server_round, step, steps,
                          plan.num_rounds)
+
+
+def finetune_rate(plan: TrainPlan, step: int, steps: int) -> float:
+    """Return the learning rate of fine-tuning ``step`` (from 0) of ``steps``.
+
+    The fine-tune anneals as the run did: ``lr-schedule`` over its own steps, from
+    ``learning-rate x finetune-lr-factor``. A constant rate left the deployed model
+    where the last noisy steps put it (retina, 750 steps from the 25-round global
+    model, one seed: 0.777 constant at 0.1, 0.782 cosine from 0.5).
+    """
+    return learning_rate(plan.lr_schedule, plan.learning_rate * plan.finetune_lr_factor, 1,
+                         step, steps, 1)
 
 
 def _batches(loader: Iterable[Batch], steps: int) -> Iterator[Batch]:

@@ -195,8 +195,9 @@ class TrainPlan:
     finetune_rounds: str = choice("finetune-rounds", "final", "rounds whose evaluation fine-tunes "
                                   "first (personalization finetune)", choices=FINETUNE_ROUNDS,
                                   wire="finetune-rounds")
-    finetune_lr_factor: float = number("finetune-lr-factor", 0.1, "fine-tuning learning rate "
-                                       "(constant) as a fraction of learning-rate", minimum=0.0,
+    finetune_lr_factor: float = number("finetune-lr-factor", 0.5, "peak fine-tuning learning "
+                                       "rate as a fraction of learning-rate (annealed by "
+                                       "lr-schedule over the fine-tune's steps)", minimum=0.0,
                                        maximum=1.0, exclusive_minimum=True,
                                        wire="finetune-lr-factor")
     finetune_scope: str = choice("finetune-scope", "all", "parameters a fine-tune may change",

@@ -19,10 +19,15 @@ from benchmarks.federation import (
     method_steps,
     method_values,
     summarise,
+    train_alone,
 )
+from client.config import SiteConfig
+from server.app import initial_weights
+from server.config import RunConfig
 from shared.partition import ADAPTATIONS
 from shared.personalization import PERSONALIZATIONS
 from simulations.phantoms import write_synthetic_federation
+from simulations.sites import find_site_folders
 
 TINY = ["--rounds", "1", "--local-steps", "2", "--run-config", "channels='8,16' batch-size=2"]
 
@@ -140,6 +145,22 @@ def test_baselines_over_two_seeds_write_json_markdown_and_png(data: Path,
     assert "| method | site-a | site-b | mean |" in text
     assert text.count(" ± ") >= 6
     assert "| pooled | +" in text  # the difference table
+
+
+def test_sites_alone_in_their_own_processes_train_as_in_this_one(data: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    assert main(["--data", str(data), "--seeds", "1", "--methods", "local-only",
+                 "--output", str(out), *TINY]) == 0
+    report = json.loads((out / "federation.json").read_text())
+    config = RunConfig.from_user_config({**report["run_config"], "seed": 0})
+    folders = find_site_folders(data)
+    site = SiteConfig(data_path=folders[1], site_name=folders[1].name,
+                      state_dir=tmp_path / "alone", seed=1, num_threads=1)
+    alone = train_alone(site, config, initial_weights(config))
+    assert alone.steps == 2
+    # Bit-identical: the site's process draws the same patches from the same weights.
+    assert report["runs"]["local-only"][0]["per_round"][0][folders[1].name] == alone.dice[0]
 
 
 @pytest.mark.e2e

@@ -32,7 +32,7 @@ from client.personal import (
 )
 from client.predict import load_site_network
 from client.site_check import check_state_dir
-from client.trainer import SiteTrainer
+from client.trainer import SiteTrainer, finetune_rate
 from fedseg.cli import main
 from server.app import initial_weights
 from server.config import RunConfig
@@ -258,6 +258,17 @@ def test_by_default_only_the_last_round_fine_tunes_for_a_rounds_worth_of_steps(
         tuned = trainer.deployed(weights, cfg.plan(3))
     assert tuned is not trainer.net and steps == [2]  # local-steps, as finetune-steps is 0
     assert trainer.personal_models.get(trainer.net, weights_digest(weights)) is not None
+
+
+def test_the_fine_tune_anneals_with_the_run_schedule_from_its_own_peak() -> None:
+    plan = run_config(**{"learning-rate": 0.002, "finetune-lr-factor": 0.5,
+                         "lr-schedule": "cosine", "num-server-rounds": 9}).plan(9)
+    # cosine over the fine-tune's 4 steps from 0.002 x 0.5, whatever the round
+    assert [finetune_rate(plan, step, 4) for step in range(4)] == pytest.approx(
+        [0.001, 0.001 * (1 + 2 ** -0.5) / 2, 0.0005, 0.001 * (1 - 2 ** -0.5) / 2], abs=1e-15)
+    flat = run_config(**{"learning-rate": 0.002, "finetune-lr-factor": 0.25,
+                         "lr-schedule": "constant"}).plan(1)
+    assert [finetune_rate(flat, step, 3) for step in range(3)] == [0.0005] * 3
 
 
 def test_finetune_is_what_the_site_evaluates_and_predict_deploys(
