@@ -191,7 +191,7 @@ class TrainPlan:
                                  wire="ditto-lambda")
     finetune_steps: int = integer("finetune-steps", 0, "local fine-tuning steps (personalization "
                                   "finetune); 0: as many as one round's local steps",
-                                  minimum=0, wire="finetune-steps")
+                                  minimum=0, wire="finetune-steps", planned=True)
     finetune_rounds: str = choice("finetune-rounds", "final", "rounds whose evaluation fine-tunes "
                                   "first (personalization finetune)", choices=FINETUNE_ROUNDS,
                                   wire="finetune-rounds")

@@ -34,7 +34,7 @@ def test_thick_structures_on_large_radiographs_plan_whole_downsampled_images() -
         "in-channels": 1, "resize": "256,256", "patch-size": "256,256",
         "channels": "16,32,64,128,256", "batch-size": 8, "local-steps": 80,
         "num-server-rounds": 10, "normalization": "zscore", "learning-rate": 0.002,
-        "lr-schedule": "cosine", "personalization": "finetune",
+        "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 80,
     }
 
 
@@ -44,7 +44,7 @@ def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation
         "in-channels": 3, "resize": "none", "patch-size": "96,96",
         "channels": "16,32,64,128", "batch-size": 8, "local-steps": 150,
         "num-server-rounds": 30, "normalization": "zscore-fov", "learning-rate": 0.002,
-        "lr-schedule": "cosine", "personalization": "finetune",
+        "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 750,
     }
 
 
@@ -71,7 +71,7 @@ def test_sites_under_dp_get_a_small_network_and_large_batches_of_patients() -> N
         "in-channels": 1, "resize": "128,128", "patch-size": "128,128",
         "channels": "8,16,32,64", "batch-size": 31, "local-steps": 20,
         "num-server-rounds": 5, "normalization": "zscore", "learning-rate": 0.002,
-        "lr-schedule": "cosine", "personalization": "none",
+        "lr-schedule": "cosine", "personalization": "none", "finetune-steps": 0,
     }
     assert "1 site(s) train under DP-SGD, the smallest with 94 patients" in plan.reasons[1]
     # Few patients: the batch stays at its floor; many: at its ceiling.
