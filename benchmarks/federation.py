@@ -96,7 +96,7 @@ def _finetune_plan(method: str, values: Mapping[str, Any]) -> TrainPlan | None:
 def finetune_steps(method: str, values: Mapping[str, Any]) -> int:
     """Return the fine-tuning steps ``method`` gives the deployed model (0: it does not)."""
     training = _finetune_plan(method, values)
-    return 0 if training is None else training.finetune_steps or training.local_steps
+    return 0 if training is None else training.finetune_length(training.local_steps)
 
 
 def method_rounds(method: str, values: Mapping[str, Any], rounds: int, local_steps: int) -> int:
@@ -194,21 +194,49 @@ class AloneRun:
     weights: NDArrays
 
 
-def train_alone(site: SiteConfig, config: RunConfig, start: NDArrays) -> AloneRun:
-    """Train one site alone from ``start`` for the run's rounds (in its own process).
+def train_rounds(learner: SiteTrainer, config: RunConfig, start: NDArrays,
+                 judges: Sequence[SiteTrainer], share: int = 1
+                 ) -> tuple[list[dict[str, float]], int, NDArrays]:
+    """Train ``learner`` from ``start`` for the run's rounds, scoring every round.
 
-    Each round's Dice is measured as the federated methods measure theirs: one pass
-    before the last round, the deployed prediction (test-time flips) after it.
+    Parameters
+    ----------
+    learner : SiteTrainer
+        One site alone, or the pooled learner.
+    config : RunConfig
+        The run config the federated methods get.
+    start : NDArrays
+        The initial weights.
+    judges : sequence of SiteTrainer
+        The sites whose validation cases score the model after each round, as the
+        federated methods are scored: one pass before the last round, the deployed
+        prediction (test-time flips) after it.
+    share : int
+        Multiple of the run's local steps the learner takes each round (pooled:
+        the number of sites).
+
+    Returns
+    -------
+    tuple
+        Dice per round per judge, steps taken, final weights.
     """
-    trainer = SiteTrainer(site, config.model)
     weights, steps, dice = start, 0, []
     for rnd in range(1, config.num_server_rounds + 1):
         plan = config.plan(rnd)
-        result = trainer.train(weights, plan)
-        weights = {**weights, **result.weights}
-        steps += result.steps
-        dice.append(trainer.evaluate(weights, plan).dice)
-    return AloneRun(dice, steps, weights)
+        if share != 1:
+            plan = replace(plan, local_steps=config.training.local_steps * share)
+        result = learner.train(weights, plan)
+        # A reply holds only the dp-trainable group; the rest keeps its values.
+        weights, steps = {**weights, **result.weights}, steps + result.steps
+        dice.append({j.site.site_name: j.evaluate(weights, plan).dice for j in judges})
+    return dice, steps, weights
+
+
+def train_alone(site: SiteConfig, config: RunConfig, start: NDArrays) -> AloneRun:
+    """Train one site alone from ``start`` for the run's rounds (in its own process)."""
+    trainer = SiteTrainer(site, config.model)
+    dice, steps, weights = train_rounds(trainer, config, start, [trainer])
+    return AloneRun([d[site.site_name] for d in dice], steps, weights)
 
 
 def centralised(folders: Sequence[Path], config: RunConfig, pooled: bool,
@@ -248,14 +276,8 @@ def centralised(folders: Sequence[Path], config: RunConfig, pooled: bool,
         pool = SiteData(train=tuple(c for t in trainers for c in t.data.train), val=())
         learner = SiteTrainer(replace(sites[0], site_name=POOLED, state_dir=state_root / POOLED,
                                       num_threads=0), config.model, data=pool)
-        weights, taken = start, 0
-        for rnd in range(1, config.num_server_rounds + 1):
-            plan = replace(config.plan(rnd), local_steps=config.training.local_steps * len(sites))
-            result = learner.train(weights, plan)
-            # A reply holds only the dp-trainable group; the rest keeps its values.
-            weights, taken = {**weights, **result.weights}, taken + result.steps
-            per_round.append({t.site.site_name: t.evaluate(weights, plan).dice
-                              for t in trainers})
+        per_round, taken, weights = train_rounds(learner, config, start, trainers,
+                                                 share=len(sites))
         steps = {POOLED: taken}
         models.append((POOLED, partial(learner.predict, weights)))
     else:

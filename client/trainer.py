@@ -466,7 +466,7 @@ class SiteTrainer:
         torch.manual_seed(seed)
         loader = DataLoader(self._patches(seed), batch_size=plan.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
-        steps = plan.finetune_steps or self.steps_for(plan)
+        steps = plan.finetune_length(self.steps_for(plan))
         fit(net, _batches(loader, steps),
             _optimiser([p for p in net.parameters() if p.requires_grad], plan), _mean_loss,
             self.device, partial(finetune_rate, plan, steps=steps))

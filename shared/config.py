@@ -219,6 +219,13 @@ class TrainPlan:
     def __post_init__(self) -> None:
         check(self)
 
+    def finetune_length(self, round_steps: int) -> int:
+        """Return the fine-tune's optimiser steps, given a round's ``round_steps`` at the site.
+
+        ``finetune-steps`` 0 means one round's worth.
+        """
+        return self.finetune_steps or round_steps
+
     @property
     def last_round(self) -> bool:
         """Whether this is the run's last round, whose evaluation is what a site deploys."""

@@ -271,6 +271,11 @@ def test_the_fine_tune_anneals_with_the_run_schedule_from_its_own_peak() -> None
     assert [finetune_rate(flat, step, 3) for step in range(3)] == [0.0005] * 3
 
 
+def test_a_fine_tune_of_zero_steps_takes_one_round_of_the_site() -> None:
+    assert run_config(**{"finetune-steps": 0}).plan(1).finetune_length(37) == 37
+    assert run_config(**{"finetune-steps": 5}).plan(1).finetune_length(37) == 5
+
+
 def test_finetune_is_what_the_site_evaluates_and_predict_deploys(
         sites: list[Path], tmp_path: Path) -> None:
     cfg = run_config(personalization="finetune", **{"finetune-steps": 6, "num-server-rounds": 1})
