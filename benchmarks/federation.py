@@ -82,6 +82,22 @@ METHODS: tuple[str, ...] = (*CENTRALISED, *FEDERATED)
 POOLED_MARGIN = 0.01
 
 
+def plan_budget(planned: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the planned run config as every method's budget.
+
+    The plan takes its deployed fine-tune out of its rounds; here those rounds go
+    back, so each method (the fine-tuning one included, which takes them out
+    again) gets the plan's steps per site. Each method names what its sites
+    deploy, so the plan's choice becomes one of them.
+    """
+    out = {**planned, "personalization": "none"}
+    if planned.get("personalization") == "finetune" and planned.get("local-steps"):
+        steps = planned["local-steps"]
+        out["num-server-rounds"] = planned["num-server-rounds"] + math.ceil(
+            (planned.get("finetune-steps") or steps) / steps)
+    return out
+
+
 def _personalization(method: str) -> str:
     return str(FEDERATED.get(method, {}).get("personalization", "none"))
 
@@ -574,9 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             planned = dict(SYNTHETIC_2D)
         else:
             data = args.data
-            planned = plan_sites(find_site_folders(data)).to_run_config()
-            # Each method names what its sites deploy; the plan's choice is one of them.
-            planned["personalization"] = "none"
+            planned = plan_budget(plan_sites(find_site_folders(data)).to_run_config())
         folders = find_site_folders(data)
         sites = [f.name for f in folders]
         values: dict[str, Any] = {**planned, **_parse_overrides(args.run_config)}

@@ -18,6 +18,7 @@ from benchmarks.federation import (
     method_rounds,
     method_steps,
     method_values,
+    plan_budget,
     summarise,
     train_alone,
 )
@@ -51,6 +52,20 @@ def test_every_site_local_mode_is_a_method() -> None:
     assert {m for m in ADAPTATIONS if m != "none"} <= set(FEDERATED)
     assert {m for m in PERSONALIZATIONS if m != "none"} <= set(FEDERATED)
     assert "local-head" in FEDERATED
+
+
+def test_the_plans_fine_tune_rounds_go_back_into_every_methods_budget() -> None:
+    planned = {"local-steps": 150, "num-server-rounds": 25, "personalization": "finetune",
+               "finetune-steps": 750}
+    budget = plan_budget(planned)
+    assert budget == {"local-steps": 150, "num-server-rounds": 30, "personalization": "none",
+                      "finetune-steps": 750}
+    # ... so the fine-tuning method runs the plan's own 25 rounds.
+    assert method_rounds("finetune", budget, 30, 150) == 25
+    assert plan_budget({**planned, "finetune-steps": 0})["num-server-rounds"] == 26
+    private = {"local-steps": 20, "num-server-rounds": 5, "personalization": "none",
+               "finetune-steps": 0}
+    assert plan_budget(private) == private
 
 
 def test_ditto_splits_the_budget_and_finetune_takes_its_steps_out_of_it() -> None:

@@ -33,7 +33,7 @@ def test_thick_structures_on_large_radiographs_plan_whole_downsampled_images() -
     assert plan.to_run_config() == {
         "in-channels": 1, "resize": "256,256", "patch-size": "256,256",
         "channels": "16,32,64,128,256", "batch-size": 8, "local-steps": 80,
-        "num-server-rounds": 10, "normalization": "zscore", "learning-rate": 0.002,
+        "num-server-rounds": 9, "normalization": "zscore", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 80,
     }
 
@@ -43,7 +43,7 @@ def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation
     assert plan.to_run_config() == {
         "in-channels": 3, "resize": "none", "patch-size": "96,96",
         "channels": "16,32,64,128", "batch-size": 8, "local-steps": 150,
-        "num-server-rounds": 30, "normalization": "zscore-fov", "learning-rate": 0.002,
+        "num-server-rounds": 25, "normalization": "zscore-fov", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 750,
     }
 
@@ -188,12 +188,15 @@ def test_a_budget_beyond_max_steps_adds_rounds_up_to_max_rounds() -> None:
     patch = 8 * 96 * 96
     # 1600 steps: 10 x 160 would exceed 150 a round, so ceil(1600 / 150) = 11 rounds of 145.
     rules = PlannerRules(voxels_per_site={2: 1600 * patch, 3: 1})
+    # The deployed fine-tune takes one of those rounds: 10 rounds, then 145 steps.
     plan = make_plan([thin], rules)
-    assert (plan.num_server_rounds, plan.local_steps) == (11, 145)
-    assert "11 rounds x 145 steps of batch 8" in "\n".join(plan.reasons)
-    # 1500 steps fit 10 x 150: no extra round.
+    assert (plan.num_server_rounds, plan.local_steps, plan.finetune_steps) == (10, 145, 145)
+    assert "10 rounds x 145 steps of batch 8" in "\n".join(plan.reasons)
+    assert "fine-tuned for 145 steps on its own cases (1595 steps per site in all)" in \
+        "\n".join(plan.reasons)
+    # 1500 steps fit 10 x 150: no extra round (9 rounds, then 150 fine-tuning steps).
     exact = make_plan([thin], PlannerRules(voxels_per_site={2: 1500 * patch, 3: 1}))
-    assert (exact.num_server_rounds, exact.local_steps) == (10, 150)
+    assert (exact.num_server_rounds, exact.local_steps, exact.finetune_steps) == (9, 150, 150)
     # Under DP-SGD the private rounds and steps hold whatever the budget.
     private = make_plan([replace(thin, dp_patients=16)], rules)
     assert (private.num_server_rounds, private.local_steps) == (5, 20)
