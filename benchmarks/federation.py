@@ -54,6 +54,7 @@ from shared.config import TrainPlan
 from shared.errors import ConfigError, DataError
 from shared.partition import ADAPTATIONS
 from shared.personalization import FINETUNE_ROUNDS, PERSONALIZATIONS
+from shared.planning import Plan
 from shared.run_files import RunFiles
 from shared.weights import NDArrays
 from simulations.cross_site import Predictor, cross_site_matrix
@@ -82,20 +83,16 @@ METHODS: tuple[str, ...] = (*CENTRALISED, *FEDERATED)
 POOLED_MARGIN = 0.01
 
 
-def plan_budget(planned: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the planned run config as every method's budget.
+def plan_budget(plan: Plan) -> dict[str, Any]:
+    """Return the plan's run config as every method's budget.
 
-    The plan takes its deployed fine-tune out of its rounds; here those rounds go
-    back, so each method (the fine-tuning one included, which takes them out
-    again) gets the plan's steps per site. Each method names what its sites
-    deploy, so the plan's choice becomes one of them.
+    The plan takes its deployed fine-tune out of its rounds; here they go back
+    (:attr:`Plan.budget_rounds`), so each method (the fine-tuning one included,
+    which takes them out again) gets the plan's steps per site. Each method names
+    what its sites deploy, so the plan's choice becomes one of them.
     """
-    out = {**planned, "personalization": "none"}
-    if planned.get("personalization") == "finetune" and planned.get("local-steps"):
-        steps = planned["local-steps"]
-        out["num-server-rounds"] = planned["num-server-rounds"] + math.ceil(
-            (planned.get("finetune-steps") or steps) / steps)
-    return out
+    return {**plan.to_run_config(), "num-server-rounds": plan.budget_rounds,
+            "personalization": "none"}
 
 
 def _personalization(method: str) -> str:
@@ -239,8 +236,7 @@ def train_rounds(learner: SiteTrainer, config: RunConfig, start: NDArrays,
     weights, steps, dice = start, 0, []
     for rnd in range(1, config.num_server_rounds + 1):
         plan = config.plan(rnd)
-        if share != 1:
-            plan = replace(plan, local_steps=config.training.local_steps * share)
+        plan = replace(plan, local_steps=plan.local_steps * share)
         result = learner.train(weights, plan)
         # A reply holds only the dp-trainable group; the rest keeps its values.
         weights, steps = {**weights, **result.weights}, steps + result.steps
@@ -590,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             planned = dict(SYNTHETIC_2D)
         else:
             data = args.data
-            planned = plan_budget(plan_sites(find_site_folders(data)).to_run_config())
+            planned = plan_budget(plan_sites(find_site_folders(data)))
         folders = find_site_folders(data)
         sites = [f.name for f in folders]
         values: dict[str, Any] = {**planned, **_parse_overrides(args.run_config)}

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from threading import Lock
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -116,6 +117,9 @@ def clip_update_mod(msg: Message, context: Context, call_next: ClientAppCallable
         return reply
     sent = reply.content.array_records[p.ARRAYS]
     received = msg.content.array_records[p.ARRAYS]
+    if all(np.array_equal(sent[k].numpy(), received[k].numpy()) for k in sent):
+        # A zero update is its own clip; Flower's mod would divide by its norm.
+        return reply
     if list(sent.keys()) != list(received.keys()):
         # Training is done with the message; the mod reads only its reference values.
         msg.content[p.ARRAYS] = ArrayRecord({k: received[k] for k in sent})

@@ -8,10 +8,12 @@ any of them sees it (:mod:`server.validation`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -23,6 +25,8 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
+from flwr.supercore.differential_privacy import clip_inputs_inplace
 
 from shared import protocol as p
 from shared.config import TrainPlan
@@ -107,9 +111,45 @@ class CentralDPType:
     doc: str
 
 
+class ServerSideFixedClipping(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping wrapper, taking an update of norm 0 too.
+
+    Flower's clipping divides the clipping norm by the update's norm, so a site
+    that sends the global model back unchanged (every step skipped) would stop
+    the run with ``ZeroDivisionError``. A zero update is its own clip; every
+    other step is Flower's (``aggregate_train`` of flwr 1.41, with that one
+    guard).
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip each update, aggregate with the wrapped strategy, add the noise."""
+        replies_list = list(replies)
+        event = self._pop_pending_event(server_round)
+        if not validate_replies(replies_list, self.num_sampled_clients,
+                                strict=self.accountant is not None):
+            return None, None
+        self._validate_uniform_weights(replies_list)
+        current = self.current_arrays.to_numpy_ndarrays()
+        for reply in replies_list:
+            for name, record in reply.content.array_records.items():
+                update = [np.subtract(x, y) for x, y in
+                          zip(record.to_numpy_ndarrays(), current, strict=True)]
+                if any(np.any(u) for u in update):
+                    clip_inputs_inplace(update, self.clipping_norm)
+                reply.content[name] = ArrayRecord({
+                    k: Array(np.asarray(y + u))
+                    for k, y, u in zip(record.keys(), current, update, strict=True)})
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies_list)
+        if arrays:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)
+            self._compose_release(event)
+        return arrays, metrics
+
+
 CENTRAL_DP: Registry[CentralDPType] = Registry("central-dp mode", {
     "off": CentralDPType(None, "no client-level DP"),
-    "server-side": CentralDPType(DifferentialPrivacyServerSideFixedClipping,
+    "server-side": CentralDPType(ServerSideFixedClipping,
                                  "the server clips every update"),
     # The ClientApp's clip_update_mod clips at the site when the config asks for it.
     "client-side": CentralDPType(DifferentialPrivacyClientSideFixedClipping,

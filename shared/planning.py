@@ -264,9 +264,14 @@ class Plan:
         ``zscore`` or ``zscore-fov`` (statistics over the field of view only).
     learning_rate : float
         Peak learning rate of the cosine schedule.
+    budget_rounds : int
+        Rounds of ``local_steps`` each site's budget holds: ``num_server_rounds``
+        plus the rounds the deployed fine-tune took out of it. A method that does
+        not fine-tune (a site alone, pooled training) gets this many rounds.
     personalization : str
         What each site deploys: ``finetune`` (the final global model fine-tuned on
-        the site's own cases), or ``none`` under DP-SGD, whose model is the private one.
+        the site's own cases), or ``none`` under DP-SGD, whose model is the private
+        one, and after a one-round budget.
     finetune_steps : int
         Steps of that fine-tune (0 without one).
     reasons : tuple of str
@@ -283,6 +288,7 @@ class Plan:
     num_server_rounds: int
     normalization: str
     learning_rate: float
+    budget_rounds: int
     personalization: str = "none"
     finetune_steps: int = 0
     reasons: tuple[str, ...] = ()
@@ -450,15 +456,16 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
         rounds = min(rules.max_rounds, math.ceil(total_steps / rules.max_steps))
     steps = int(min(rules.max_steps, max(rules.min_steps, round(total_steps / rounds))))
     normalization = "zscore-fov" if fp.dark_fraction > rules.dark_fraction_fov else "zscore"
-    finetune = 0
-    if not private:
-        # The deployed fine-tune grows with the run (retina, from a 25-round global
-        # model, one seed: 0.777 after 150 steps, 0.782 after 750, 0.787 after 1500)
-        # and comes out of the budget: the deployed model has had the steps a site
-        # alone would take, as benchmarks.federation compares them.
-        tuning_rounds = max(1, rounds // rules.finetune_every)
+    budget_rounds, finetune = rounds, 0
+    # The deployed fine-tune grows with the run (retina, from a 25-round global
+    # model, one seed: 0.777 after 150 steps, 0.782 after 750, 0.787 after 1500)
+    # and comes out of the budget: the deployed model has had the steps a site
+    # alone would take, as benchmarks.federation compares them. A one-round budget
+    # leaves no round to take, so its sites deploy the global model.
+    tuning_rounds = 0 if private else min(rounds - 1, max(1, rounds // rules.finetune_every))
+    if tuning_rounds:
         finetune = steps * tuning_rounds
-        rounds = max(1, rounds - tuning_rounds)
+        rounds -= tuning_rounds
     unit = " patients" if private else ""
     dp_rate = " (DP-SGD sites: from dp-learning-rate)" if private else ""
     reasons.append(f"{rounds} rounds x {steps} steps of batch {batch}{unit}, cosine "
@@ -468,6 +475,10 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
         personalization = "none"
         reasons.append("each site deploys the global model, the one DP-SGD trained (a local "
                        "fine-tune would see its cases without noise)")
+    elif not finetune:
+        personalization = "none"
+        reasons.append("each site deploys the global model: a one-round budget leaves no "
+                       "steps for a local fine-tune")
     else:
         # Measured on retina (8 rounds, one seed): 0.713 global, 0.742 after a local
         # fine-tune of 100 steps; the hospital keeps what fits its own scanner.
@@ -480,5 +491,5 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
         channels=channels, batch_size=batch, local_steps=steps,
         num_server_rounds=rounds, normalization=normalization,
         learning_rate=rules.learning_rate, personalization=personalization,
-        finetune_steps=finetune, reasons=tuple(reasons),
+        finetune_steps=finetune, budget_rounds=budget_rounds, reasons=tuple(reasons),
     )

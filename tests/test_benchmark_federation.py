@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from server.app import initial_weights
 from server.config import RunConfig
 from shared.partition import ADAPTATIONS
 from shared.personalization import PERSONALIZATIONS
+from shared.planning import Fingerprint, make_plan
 from simulations.phantoms import write_synthetic_federation
 from simulations.sites import find_site_folders
 
@@ -55,17 +57,18 @@ def test_every_site_local_mode_is_a_method() -> None:
 
 
 def test_the_plans_fine_tune_rounds_go_back_into_every_methods_budget() -> None:
-    planned = {"local-steps": 150, "num-server-rounds": 25, "personalization": "finetune",
-               "finetune-steps": 750}
-    budget = plan_budget(planned)
-    assert budget == {"local-steps": 150, "num-server-rounds": 30, "personalization": "none",
-                      "finetune-steps": 750}
+    thin = Fingerprint(num_cases=20, spatial_dims=2, channels=3, shape=(584, 568),
+                       spacing=(1.0, 1.0), has_spacing=False, foreground_fraction=0.1,
+                       thickness=6.0, dark_fraction=0.3, fg_intensity=(0.0, 0.5, 1.0))
+    plan = make_plan([thin])
+    assert (plan.num_server_rounds, plan.local_steps, plan.finetune_steps) == (25, 150, 750)
+    budget = plan_budget(plan)
+    assert budget == {**plan.to_run_config(), "num-server-rounds": 30,
+                      "personalization": "none"}
     # ... so the fine-tuning method runs the plan's own 25 rounds.
     assert method_rounds("finetune", budget, 30, 150) == 25
-    assert plan_budget({**planned, "finetune-steps": 0})["num-server-rounds"] == 26
-    private = {"local-steps": 20, "num-server-rounds": 5, "personalization": "none",
-               "finetune-steps": 0}
-    assert plan_budget(private) == private
+    private = make_plan([replace(thin, dp_patients=16)])
+    assert plan_budget(private) == private.to_run_config()
 
 
 def test_ditto_splits_the_budget_and_finetune_takes_its_steps_out_of_it() -> None:

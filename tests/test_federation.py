@@ -197,6 +197,21 @@ def test_server_side_central_dp_clips_each_update_exactly() -> None:
     np.testing.assert_allclose(state.weights["b"], [[0.3, 0.4]])
 
 
+def test_server_side_central_dp_takes_an_update_equal_to_the_global_model() -> None:
+    # Site "b" sends the global model back unchanged (every step skipped, say):
+    # its update has norm 0, which Flower's clipping divides by.
+    grid = FakeGrid({
+        1: site("a", {"w": np.array([3.0, 4.0]), "b": np.zeros((1, 2))}, 1, 0.5),
+        2: site("b", initial(), 1, 0.5),
+    })
+    cfg = config(**{"central-dp": "server-side", "central-dp-noise-multiplier": 0.0,
+                    "central-dp-clipping-norm": 1.0})
+    state = run_round(grid, build_strategy(cfg), cfg,
+                      FederationState(0, initial(), MetricsHistory({})))
+    np.testing.assert_allclose(state.weights["w"], [0.3, 0.4])
+    np.testing.assert_allclose(state.weights["b"], [[0.0, 0.0]])
+
+
 def test_client_side_clipping_mod_clips_and_passes_refusals() -> None:
     from flwr.app import Context
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -222,6 +237,15 @@ def test_client_side_clipping_mod_clips_and_passes_refusals() -> None:
     np.testing.assert_allclose(out.content.array_records[p.ARRAYS]["w"].numpy(), [0.6, 0.8])
     passed = clip_update_mod(msg, ctx, refused)
     assert not passed.has_error() and passed.content.config_records[p.PRIVACY][p.REFUSED]
+
+    def unchanged(m: Message, c: Context) -> Message:
+        return Message(RecordDict({p.ARRAYS: ArrayRecord({"w": Array(np.zeros(2))}),
+                                   p.METRICS: MetricRecord({p.NUM_EXAMPLES: 1})}), reply_to=m)
+
+    # A zero update (norm 0, which Flower's mod divides by) is its own clip.
+    same = clip_update_mod(msg, ctx, unchanged)
+    assert not same.has_error()
+    np.testing.assert_array_equal(same.content.array_records[p.ARRAYS]["w"].numpy(), [0.0, 0.0])
 
 
 def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation
         "num-server-rounds": 25, "normalization": "zscore-fov", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 750,
     }
+    # 25 rounds and 750 fine-tuning steps: the budget's 30 rounds of 150.
+    assert plan.budget_rounds == 30
 
 
 def test_3d_volumes_get_a_budgeted_patch_and_a_narrow_network() -> None:
@@ -200,3 +202,15 @@ def test_a_budget_beyond_max_steps_adds_rounds_up_to_max_rounds() -> None:
     # Under DP-SGD the private rounds and steps hold whatever the budget.
     private = make_plan([replace(thin, dp_patients=16)], rules)
     assert (private.num_server_rounds, private.local_steps) == (5, 20)
+    assert private.budget_rounds == 5
+
+
+def test_a_one_round_budget_deploys_the_global_model_within_that_round() -> None:
+    plan = make_plan([_fp()], PlannerRules(rounds=1, max_rounds=1))
+    assert (plan.num_server_rounds, plan.budget_rounds) == (1, 1)
+    assert (plan.personalization, plan.finetune_steps) == ("none", 0)
+    assert "a one-round budget leaves no steps for a local fine-tune" in plan.reasons[-1]
+    # Two rounds: one federated, one of fine-tuning.
+    two = make_plan([_fp()], PlannerRules(rounds=2, max_rounds=2))
+    assert (two.num_server_rounds, two.finetune_steps, two.budget_rounds) == (
+        1, two.local_steps, 2)
