@@ -545,6 +545,35 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def finished_runs(path: Path, values: Mapping[str, Any], sites: Sequence[str],
+                  methods: Sequence[str]) -> dict[str, list[MethodRun]]:
+    """Return the runs of ``methods`` that an earlier report at ``path`` holds.
+
+    A long benchmark writes its report after every seed; ``--resume`` keeps those
+    seeds and runs only the rest. Only a report of the same sites and run config
+    qualifies, so every kept run had the budget the new ones get.
+
+    Raises
+    ------
+    DataError
+        The report is unreadable, or of other sites or another run config.
+    """
+    try:
+        report = json.loads(path.read_text())
+        same = report["sites"] == list(sites) and report["run_config"] == dict(values)
+        kept = {m: [MethodRun([{k: math.nan if v is None else float(v) for k, v in r.items()}
+                               for r in run["per_round"]], dict(run["steps"]),
+                              dict(run["cross_site"]), float(run["wall_s"]))
+                    for run in report["runs"].get(m, [])] for m in methods}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(path, f"is not a benchmark report ({type(exc).__name__})",
+                        "choose another --output or drop --resume") from exc
+    if not same:
+        raise DataError(path, "is a report of other sites or another run config",
+                        "choose another --output or drop --resume")
+    return kept
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--data", type=Path, default=None,
@@ -565,6 +594,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic-size", type=int, default=96)
     parser.add_argument("--output", type=Path, default=None,
                         help="default: runs/bench-federation/<data folder name>/")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the seeds federation.json in the output folder already holds "
+                             "(same sites and run config) and run only the others")
     return parser
 
 
@@ -612,6 +644,11 @@ def main(argv: list[str] | None = None) -> int:
                      "local-steps >= 2")
 
     runs: dict[str, list[MethodRun]] = {m: [] for m in args.methods}
+    if args.resume and (output / "federation.json").is_file():
+        try:
+            runs = finished_runs(output / "federation.json", values, sites, args.methods)
+        except DataError as exc:
+            parser.error(str(exc))
     budget = {"rounds": rounds, "local_steps": local_steps,
               "steps_per_site": rounds * local_steps,
               "pooled_steps": rounds * local_steps * len(sites)}
@@ -646,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         seeded = {**values, "seed": seed}
         for method in args.methods:
+            if len(runs[method]) > seed:
+                print(f"== seed {seed}: {method} (kept from {output / 'federation.json'})")
+                continue
             print(f"== seed {seed}: {method}", flush=True)
             where = output / "runs" / method / f"seed-{seed}"
             if method in CENTRALISED:

@@ -165,6 +165,35 @@ def test_baselines_over_two_seeds_write_json_markdown_and_png(data: Path,
     assert "| pooled | +" in text  # the difference table
 
 
+def test_resume_keeps_the_finished_seeds_and_runs_the_rest(
+        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmarks.federation as bench
+
+    trained: list[int] = []
+
+    def fake(folders: object, config: RunConfig, pooled: bool, state: Path) -> MethodRun:
+        seed = config.training.seed
+        trained.append(seed)
+        return _run({"site-a": 0.5 + seed / 10, "site-b": 0.6}, {"site-a": 2, "site-b": 2})
+
+    monkeypatch.setattr(bench, "centralised", fake)
+    out = tmp_path / "bench"
+    args = ["--data", str(data), "--methods", "local-only", "--output", str(out), *TINY]
+    assert main([*args, "--seeds", "1"]) == 0
+    assert main([*args, "--seeds", "3", "--resume"]) == 0
+    assert trained == [0, 1, 2]  # seed 0 once, from the first run's report
+    report = json.loads((out / "federation.json").read_text())
+    assert report["seeds"] == [0, 1, 2]
+    assert [r["per_round"][0]["site-a"] for r in report["runs"]["local-only"]] == [
+        0.5, 0.6, 0.7]
+    # Another run config is not resumed: its kept runs would have had another budget.
+    with pytest.raises(SystemExit):
+        main([*args, "--seeds", "3", "--resume", "--run-config", "learning-rate=0.01"])
+    (out / "federation.json").write_text("[]")
+    with pytest.raises(SystemExit):
+        main([*args, "--seeds", "3", "--resume"])
+
+
 def test_sites_alone_in_their_own_processes_train_as_in_this_one(data: Path,
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "bench"
