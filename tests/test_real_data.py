@@ -44,8 +44,9 @@ def test_la_mri_volumes_load_as_3d_nifti() -> None:
 def test_retina_federation_through_flower(tmp_path: Path) -> None:
     outcome = run_simulation(
         SimulationRequest(data=real_data("retina"), output=tmp_path,
+                          # The plan's 750-step fine-tune would be most of the run.
                           overrides={"num-server-rounds": 1, "local-steps": 3,
-                                     "channels": "8,16,32,64"}),
+                                     "finetune-steps": 3, "channels": "8,16,32,64"}),
         echo=lambda line: None)
     (rnd,) = MetricsHistory.read(outcome.metrics_json).rounds
     assert rnd.aggregated
