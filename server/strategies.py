@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
-from flwr.supercore.differential_privacy import clip_inputs_inplace
+from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
 from shared import protocol as p
 from shared.config import TrainPlan
@@ -135,7 +135,7 @@ class ServerSideFixedClipping(DifferentialPrivacyServerSideFixedClipping):
             for name, record in reply.content.array_records.items():
                 update = [np.subtract(x, y) for x, y in
                           zip(record.to_numpy_ndarrays(), current, strict=True)]
-                if any(np.any(u) for u in update):
+                if get_norm(update) > 0:
                     clip_inputs_inplace(update, self.clipping_norm)
                 reply.content[name] = ArrayRecord({
                     k: Array(np.asarray(y + u))
