@@ -61,7 +61,7 @@ def planned_run_config(grid: Grid, values: Mapping[str, Any],
     if not RunConfig.needs_plan(values):
         return RunConfig.from_user_config(values), None
     plan = make_plan(collect_fingerprints(grid, RunConfig.from_user_config(values)))
-    config = RunConfig.from_user_config(values, plan.to_run_config())
+    config = RunConfig.from_user_config(values, plan.to_run_config(values))
     for line in plan.reasons:
         echo(f"plan: {line}")
     return config, plan

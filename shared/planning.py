@@ -11,6 +11,7 @@ so the planner's output is tested exactly on hand-made fingerprints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -293,8 +294,22 @@ class Plan:
     finetune_steps: int = 0
     reasons: tuple[str, ...] = ()
 
-    def to_run_config(self) -> dict[str, Any]:
-        """Return the planned values under their run-config keys."""
+    def to_run_config(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Return the planned values under their run-config keys.
+
+        The deployed fine-tune is whole rounds of local steps. When the user's run
+        config ``values`` sets ``local-steps``, it takes that many rounds of the
+        user's steps: a quick run of ``local-steps = 3`` is not followed by a
+        750-step fine-tune. A value that is no integer is left to the run-config
+        parser to refuse.
+        """
+        steps = self.local_steps
+        user = (values or {}).get("local-steps", "auto")
+        if user != "auto" and not isinstance(user, bool):
+            with contextlib.suppress(TypeError, ValueError):
+                steps = int(user)
+        finetune = (self.budget_rounds - self.num_server_rounds) * steps \
+            if self.finetune_steps else 0
         return {
             "in-channels": self.in_channels,
             "resize": _csv(self.resize) if self.resize else "none",
@@ -307,7 +322,7 @@ class Plan:
             "learning-rate": self.learning_rate,
             "lr-schedule": "cosine",
             "personalization": self.personalization,
-            "finetune-steps": self.finetune_steps,
+            "finetune-steps": finetune,
         }
 
 

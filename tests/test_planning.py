@@ -48,6 +48,10 @@ def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation
     }
     # 25 rounds and 750 fine-tuning steps: the budget's 30 rounds of 150.
     assert plan.budget_rounds == 30
+    # The fine-tune is 5 rounds of local steps, the user's when the run config sets them.
+    assert plan.to_run_config({"local-steps": 3})["finetune-steps"] == 15
+    assert plan.to_run_config({"local-steps": "auto"})["finetune-steps"] == 750
+    assert plan.to_run_config({"local-steps": "many"})["finetune-steps"] == 750
 
 
 def test_3d_volumes_get_a_budgeted_patch_and_a_narrow_network() -> None:
@@ -203,6 +207,7 @@ def test_a_budget_beyond_max_steps_adds_rounds_up_to_max_rounds() -> None:
     private = make_plan([replace(thin, dp_patients=16)], rules)
     assert (private.num_server_rounds, private.local_steps) == (5, 20)
     assert private.budget_rounds == 5
+    assert private.to_run_config({"local-steps": 3})["finetune-steps"] == 0
 
 
 def test_a_one_round_budget_deploys_the_global_model_within_that_round() -> None:
