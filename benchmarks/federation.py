@@ -684,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         seeded = {**values, "seed": seed}
         for method in args.methods:
             if len(runs[method]) > seed:
-                print(f"== seed {seed}: {method} (kept from {output / 'federation.json'})")
+                print(f"== seed {seed}: {method} (kept from {output / 'federation.json'})",
+                      flush=True)
                 continue
             print(f"== seed {seed}: {method}", flush=True)
             where = output / "runs" / method / f"seed-{seed}"

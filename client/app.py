@@ -117,7 +117,8 @@ def clip_update_mod(msg: Message, context: Context, call_next: ClientAppCallable
         return reply
     sent = reply.content.array_records[p.ARRAYS]
     received = msg.content.array_records[p.ARRAYS]
-    if all(np.array_equal(sent[k].numpy(), received[k].numpy()) for k in sent):
+    if all(k in received and np.array_equal(sent[k].numpy(), received[k].numpy())
+           for k in sent):
         # A zero update is its own clip; Flower's mod would divide by its norm.
         return reply
     if list(sent.keys()) != list(received.keys()):

@@ -273,8 +273,6 @@ class Plan:
         What each site deploys: ``finetune`` (the final global model fine-tuned on
         the site's own cases), or ``none`` under DP-SGD, whose model is the private
         one, and after a one-round budget.
-    finetune_steps : int
-        Steps of that fine-tune (0 without one).
     reasons : tuple of str
         One line per decision, printed by ``fedseg plan``.
     """
@@ -291,8 +289,12 @@ class Plan:
     learning_rate: float
     budget_rounds: int
     personalization: str = "none"
-    finetune_steps: int = 0
     reasons: tuple[str, ...] = ()
+
+    @property
+    def finetune_steps(self) -> int:
+        """Steps of the deployed fine-tune: the rounds it took out of the budget (0: none)."""
+        return (self.budget_rounds - self.num_server_rounds) * self.local_steps
 
     def to_run_config(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Return the planned values under their run-config keys.
@@ -308,8 +310,7 @@ class Plan:
         if user != "auto" and not isinstance(user, bool):
             with contextlib.suppress(TypeError, ValueError):
                 steps = int(user)
-        finetune = (self.budget_rounds - self.num_server_rounds) * steps \
-            if self.finetune_steps else 0
+        finetune = (self.budget_rounds - self.num_server_rounds) * steps
         return {
             "in-channels": self.in_channels,
             "resize": _csv(self.resize) if self.resize else "none",
@@ -506,5 +507,5 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
         channels=channels, batch_size=batch, local_steps=steps,
         num_server_rounds=rounds, normalization=normalization,
         learning_rate=rules.learning_rate, personalization=personalization,
-        finetune_steps=finetune, budget_rounds=budget_rounds, reasons=tuple(reasons),
+        budget_rounds=budget_rounds, reasons=tuple(reasons),
     )
