@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from server.strategies import CENTRAL_DP, STRATEGIES
+from server.strategies import CENTRAL_DP, SITE_WEIGHTINGS, STRATEGIES
 from shared import settings
 from shared.config import ModelSpec, TrainPlan
 from shared.privacy import PrivacyRequest
@@ -49,6 +49,9 @@ class RunConfig:
     strategy: str = choice("strategy", "fedavg", "aggregation strategy", choices=STRATEGIES)
     proximal_mu: float = number("proximal-mu", 0.01, "FedProx coefficient (strategy fedprox)",
                                 minimum=0.0)
+    site_weighting: str = choice("site-weighting", "cases", "how the strategy weights each "
+                                 "site's update (central DP always weights them equally)",
+                                 choices=SITE_WEIGHTINGS)
     server_learning_rate: float = number("server-learning-rate", 0.05, "FedAdam's server step "
                                          "size", minimum=0.0, exclusive_minimum=True)
     min_available_nodes: int = integer("min-available-nodes", 1, "sites connected before each "
@@ -131,7 +134,8 @@ class RunConfig:
             self.training, server_round=server_round, num_rounds=self.num_server_rounds,
             proximal_mu=self.proximal_mu if STRATEGIES[self.strategy].proximal else 0.0,
             # Flower's central-DP wrappers require equal weights for every update.
-            uniform_weights=CENTRAL_DP[self.central_dp].wrapper is not None,
+            uniform_weights=(CENTRAL_DP[self.central_dp].wrapper is not None
+                             or SITE_WEIGHTINGS[self.site_weighting].uniform),
         )
 
     def round_config(self, server_round: int) -> dict[str, Any]:

@@ -104,6 +104,22 @@ STRATEGIES: Registry[StrategyType] = Registry("strategy", {
 
 
 @dataclass(frozen=True)
+class SiteWeighting:
+    """How FedAvg-style strategies weight each site's update."""
+
+    uniform: bool
+    doc: str
+
+
+SITE_WEIGHTINGS: Registry[SiteWeighting] = Registry("site weighting", {
+    "cases": SiteWeighting(False, "by its number of training cases (FedAvg's weights)"),
+    # A small hospital's cases then pull the global model as hard as a large one's:
+    # on chest X-ray, 118 Montgomery cases beside 448 from Shenzhen.
+    "equal": SiteWeighting(True, "every site alike, whatever its number of cases"),
+})
+
+
+@dataclass(frozen=True)
 class CentralDPType:
     """One client-level DP mode: a Flower fixed-clipping wrapper, or none."""
 

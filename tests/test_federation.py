@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from client.app import train_reply
+from client.config import SiteConfig
+from client.trainer import TrainResult
 from server.config import RunConfig
 from server.federation import (
     FederationState,
@@ -21,7 +24,9 @@ from server.history import MetricsHistory
 from server.strategies import build_strategy
 from shared import protocol as p
 from shared.checkpoint import Checkpoint
+from shared.config import TrainPlan
 from shared.run_files import RunFiles
+from shared.settings import SettingError
 from tests.conftest import FakeGrid, fingerprint_reply
 
 
@@ -180,6 +185,46 @@ def test_waiting_for_sites_ends_with_a_clear_error() -> None:
 class _Silent:
     def round_finished(self, record: object, num_rounds: int) -> None:
         pass
+
+
+def real_reply_site(name: str, weights: dict[str, np.ndarray], n_train: int):
+    """Return a responder whose train replies are built by the ClientApp's own ``train_reply``."""
+
+    def respond(msg: Message) -> Message:
+        if msg.metadata.message_type != "train":
+            return site(name, weights, n_train, 0.5)(msg)
+        plan = TrainPlan.from_config(msg.content.config_records[p.CONFIG])
+        result = TrainResult(weights=weights, num_examples=n_train, train_loss=0.5, steps=3)
+        site_config = SiteConfig(data_path=Path(name), site_name=name)
+        return train_reply(msg, site_config, result, plan.uniform_weights)
+
+    return respond
+
+
+@pytest.mark.parametrize(("weighting", "w", "b"), [
+    ("cases", [3.25, 6.5], [[3.0, 2.0]]),  # (1*[1,2] + 3*[4,8]) / 4, (1*[0,8] + 3*[4,0]) / 4
+    ("equal", [2.5, 5.0], [[2.0, 4.0]]),   # ([1,2] + [4,8]) / 2, ([0,8] + [4,0]) / 2
+])
+def test_site_weighting_sets_each_updates_weight_exactly(
+        weighting: str, w: list[float], b: list[list[float]]) -> None:
+    grid = FakeGrid({
+        11: real_reply_site("a", {"w": np.array([1.0, 2.0]), "b": np.array([[0.0, 8.0]])}, 1),
+        22: real_reply_site("b", {"w": np.array([4.0, 8.0]), "b": np.array([[4.0, 0.0]])}, 3),
+    })
+    cfg = config(**{"site-weighting": weighting})
+    state = run_round(grid, build_strategy(cfg), cfg,
+                      FederationState(0, initial(), MetricsHistory({})))
+    np.testing.assert_array_equal(state.weights["w"], np.array(w))
+    np.testing.assert_array_equal(state.weights["b"], np.array(b))
+    # The history still records each site's real number of training cases.
+    assert [(s.site, s.num_train_cases) for s in state.history.rounds[0].sites] == [
+        ("a", 1), ("b", 3)]
+
+
+def test_an_unknown_site_weighting_is_refused_with_the_choices() -> None:
+    with pytest.raises(SettingError,
+                       match="'site-weighting': must be one of cases, equal, got 'even'"):
+        config(**{"site-weighting": "even"})
 
 
 def test_server_side_central_dp_clips_each_update_exactly() -> None:
