@@ -51,7 +51,7 @@ class RunConfig:
                                 minimum=0.0)
     site_weighting: str = choice("site-weighting", "cases", "how the strategy weights each "
                                  "site's update (central DP always weights them equally)",
-                                 choices=SITE_WEIGHTINGS)
+                                 choices=SITE_WEIGHTINGS, planned=True)
     server_learning_rate: float = number("server-learning-rate", 0.05, "FedAdam's server step "
                                          "size", minimum=0.0, exclusive_minimum=True)
     min_available_nodes: int = integer("min-available-nodes", 1, "sites connected before each "

@@ -36,7 +36,8 @@ from simulations.sites import check_site_settings, find_site_folders, probe_layo
 # (--data) is planned from the sites' fingerprints instead.
 _SYNTHETIC: dict[str, Any] = {"in-channels": 1, "resize": "none", "normalization": "zscore",
                               "lr-schedule": "constant", "learning-rate": 0.003,
-                              "personalization": "none", "finetune-steps": 0}
+                              "personalization": "none", "finetune-steps": 0,
+                              "site-weighting": "cases"}
 SYNTHETIC_2D: dict[str, Any] = {
     **_SYNTHETIC, "num-server-rounds": 6, "local-steps": 15, "batch-size": 8,
     "patch-size": "64,64", "channels": "16,32,64,128",

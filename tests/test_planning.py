@@ -35,6 +35,7 @@ def test_thick_structures_on_large_radiographs_plan_whole_downsampled_images() -
         "channels": "16,32,64,128,256", "batch-size": 8, "local-steps": 80,
         "num-server-rounds": 9, "normalization": "zscore", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 80,
+        "site-weighting": "equal",
     }
 
 
@@ -45,6 +46,7 @@ def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation
         "channels": "16,32,64,128", "batch-size": 8, "local-steps": 150,
         "num-server-rounds": 25, "normalization": "zscore-fov", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 750,
+        "site-weighting": "equal",
     }
     # 25 rounds and 750 fine-tuning steps: the budget's 30 rounds of 150.
     assert plan.budget_rounds == 30
@@ -78,6 +80,7 @@ def test_sites_under_dp_get_a_small_network_and_large_batches_of_patients() -> N
         "channels": "8,16,32,64", "batch-size": 31, "local-steps": 20,
         "num-server-rounds": 5, "normalization": "zscore", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "none", "finetune-steps": 0,
+        "site-weighting": "cases",
     }
     assert "1 site(s) train under DP-SGD, the smallest with 94 patients" in plan.reasons[1]
     # Few patients: the batch stays at its floor; many: at its ceiling.
