@@ -499,8 +499,8 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
                        "update carries the most noise")
     else:
         # The global model is every hospital's starting point, so each counts alike
-        # (chest X-ray, seed 0: Montgomery's global model 0.939 weighted by cases,
-        # 0.952 weighted equally; Shenzhen 0.957 and 0.956).
+        # (chest X-ray, 3 seeds, the round-8 global model on Montgomery: 0.928-0.939
+        # weighted by cases, 0.952-0.956 equally; Shenzhen 0.956-0.957 and 0.955-0.956).
         site_weighting = "equal"
         reasons.append("every site's update weighs alike, whatever its number of cases: a "
                        "small hospital pulls the global model as hard as a large one")
