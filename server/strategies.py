@@ -85,7 +85,7 @@ class StrategyType:
 
 
 STRATEGIES: Registry[StrategyType] = Registry("strategy", {
-    "fedavg": StrategyType(FedAvg, "case-weighted average"),
+    "fedavg": StrategyType(FedAvg, "weighted average (site-weighting)"),
     "fedprox": StrategyType(FedProx, "FedAvg plus a proximal term at the sites",
                             lambda c: {"proximal_mu": c.proximal_mu}, proximal=True),
     # Adam on the server (Reddi et al., 2021) with the paper's beta values.
@@ -191,11 +191,13 @@ def build_strategy(config: StrategySettings) -> Strategy:
 def build_base_strategy(config: StrategySettings) -> FedAvg:
     """Return the registered strategy of ``config``.
 
-    Every strategy weights a site's update by its number of training cases. The
-    coordinator chooses the sites itself, with a deadline, and enforces the
-    run's minimums (:mod:`server.deadline`); the strategy is shown only the
-    chosen sites and asks them all (fraction 1, minimums 1), because Flower's own
-    sampling would wait without a deadline for sites that have gone.
+    Every strategy weights a site's update by the ``num-examples`` of its reply: its
+    training cases, or 1 when the round asks for uniform weights (``site-weighting``
+    ``equal``, central DP). The coordinator chooses the sites itself, with a
+    deadline, and enforces the run's minimums (:mod:`server.deadline`); the
+    strategy is shown only the chosen sites and asks them all (fraction 1,
+    minimums 1), because Flower's own sampling would wait without a deadline for
+    sites that have gone.
     """
     entry = STRATEGIES[config.strategy]
     return entry.cls(
