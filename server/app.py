@@ -94,7 +94,7 @@ def make_server_app(config: RunConfig | None = None, run_dir: Path | None = None
             folder = RunFolder(run_dir if run_dir is not None
                                else cfg.output_dir / f"run-{context.run_id}")
         if plan is not None:
-            folder.save_plan(plan)
+            folder.save_plan(plan, values)
         weights = point.state.weights if point else initial_weights(cfg)
         notes: dict[str, object] = {}
         if point is None and cfg.initial_model:

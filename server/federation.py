@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -96,10 +96,14 @@ class RunFolder(RunFiles):
         """Write the final model."""
         Checkpoint(config.model, state.weights, state.server_round).save(self.final_model)
 
-    def save_plan(self, plan: Plan) -> None:
-        """Write the plan made from the sites' fingerprints, with its reasons."""
-        text = json.dumps({"run-config": plan.to_run_config(), "reasons": list(plan.reasons)},
-                          indent=2)
+    def save_plan(self, plan: Plan, values: Mapping[str, Any] | None = None) -> None:
+        """Write the plan made from the sites' fingerprints, with its reasons.
+
+        ``values``, the user's run config, sizes the deployed fine-tune as the run
+        does (:meth:`Plan.to_run_config`).
+        """
+        text = json.dumps({"run-config": plan.to_run_config(values),
+                           "reasons": list(plan.reasons)}, indent=2)
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.plan_json, text + "\n")
 

@@ -61,7 +61,11 @@ def planned_run_config(grid: Grid, values: Mapping[str, Any],
     if not RunConfig.needs_plan(values):
         return RunConfig.from_user_config(values), None
     plan = make_plan(collect_fingerprints(grid, RunConfig.from_user_config(values)))
-    config = RunConfig.from_user_config(values, plan.to_run_config(values))
+    planned = plan.to_run_config(values)
+    config = RunConfig.from_user_config(values, planned)
     for line in plan.reasons:
         echo(f"plan: {line}")
+    if planned["finetune-steps"] != plan.finetune_steps:
+        echo(f"plan: the run config's rounds or steps make the deployed fine-tune "
+             f"{planned['finetune-steps']} steps")
     return config, plan

@@ -303,18 +303,20 @@ class Plan:
     def to_run_config(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Return the planned values under their run-config keys.
 
-        The deployed fine-tune is whole rounds of local steps. When the user's run
-        config ``values`` sets ``local-steps``, it takes that many rounds of the
-        user's steps: a quick run of ``local-steps = 3`` is not followed by a
-        750-step fine-tune. A value that is no integer is left to the run-config
+        The deployed fine-tune is whole rounds of local steps, in the plan's
+        proportion to the federated rounds. When the user's run config ``values``
+        sets ``local-steps`` or ``num-server-rounds``, it follows them: a quick run
+        of 3 rounds of 3 steps is not followed by a 750-step fine-tune, and a run of
+        twice the rounds fine-tunes twice as long (at least one round when the plan
+        fine-tunes at all). A value that is no integer is left to the run-config
         parser to refuse.
         """
-        steps = self.local_steps
-        user = (values or {}).get("local-steps", "auto")
-        if user != "auto" and not isinstance(user, bool):
-            with contextlib.suppress(TypeError, ValueError):
-                steps = int(user)
-        finetune = (self.budget_rounds - self.num_server_rounds) * steps
+        steps = _user_int(values, "local-steps", self.local_steps)
+        rounds = _user_int(values, "num-server-rounds", self.num_server_rounds)
+        tuning = self.budget_rounds - self.num_server_rounds
+        if tuning and rounds != self.num_server_rounds:
+            tuning = max(1, round(rounds * tuning / self.num_server_rounds))
+        finetune = tuning * steps
         return {
             "in-channels": self.in_channels,
             "resize": _csv(self.resize) if self.resize else "none",
@@ -330,6 +332,17 @@ class Plan:
             "finetune-steps": finetune,
             "site-weighting": self.site_weighting,
         }
+
+
+def _user_int(values: Mapping[str, Any] | None, key: str, planned: int) -> int:
+    """Return the user's positive integer ``key`` in ``values``, else ``planned``."""
+    user = (values or {}).get(key, "auto")
+    if user == "auto" or isinstance(user, bool):
+        return planned
+    with contextlib.suppress(TypeError, ValueError):
+        if int(user) > 0:
+            return int(user)
+    return planned
 
 
 def _csv(values: Sequence[int]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -303,9 +304,10 @@ def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> N
 
     run_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
         "config"]
-    run_config.update({"num-server-rounds": 1, "channels": "8,16", "patch-size": "16,16",
-                       "output-dir": str(tmp_path)})
-    app = make_server_app(reporter=_Silent())
+    run_config.update({"num-server-rounds": 1, "local-steps": 2, "channels": "8,16",
+                       "patch-size": "16,16", "output-dir": str(tmp_path)})
+    said: list[str] = []
+    app = make_server_app(reporter=_Silent(), echo=said.append)
     names = None
 
     def respond(msg: Message) -> Message:
@@ -325,7 +327,10 @@ def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> N
     spec = Checkpoint.load(RunFiles(tmp_path / "run-42").final_model).spec
     assert spec.channels == (8, 16)                      # set in the run config: kept
     assert (spec.in_channels, spec.normalization) == (3, "zscore-fov")  # "auto": planned
-    assert RunFiles(tmp_path / "run-42").plan_json.is_file()
+    recorded = json.loads(RunFiles(tmp_path / "run-42").plan_json.read_text())["run-config"]
+    # One round of 2 steps asked for: the recorded fine-tune is one round of the user's steps.
+    assert (recorded["personalization"], recorded["finetune-steps"]) == ("finetune", 2)
+    assert "plan: the run config's rounds or steps make the deployed fine-tune 2 steps" in said
 
 
 @pytest.mark.faults

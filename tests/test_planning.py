@@ -54,6 +54,13 @@ def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation
     assert plan.to_run_config({"local-steps": 3})["finetune-steps"] == 15
     assert plan.to_run_config({"local-steps": "auto"})["finetune-steps"] == 750
     assert plan.to_run_config({"local-steps": "many"})["finetune-steps"] == 750
+    # The user's rounds keep the plan's proportion (5 fine-tuning rounds per 25), at least one.
+    assert plan.to_run_config({"num-server-rounds": 50})["finetune-steps"] == 1500
+    assert plan.to_run_config({"num-server-rounds": 3})["finetune-steps"] == 150
+    assert plan.to_run_config({"num-server-rounds": 3, "local-steps": 3})[
+        "finetune-steps"] == 3
+    assert plan.to_run_config({"num-server-rounds": 25})["finetune-steps"] == 750
+    assert plan.to_run_config({"num-server-rounds": 0})["finetune-steps"] == 750
 
 
 def test_3d_volumes_get_a_budgeted_patch_and_a_narrow_network() -> None:
@@ -211,6 +218,7 @@ def test_a_budget_beyond_max_steps_adds_rounds_up_to_max_rounds() -> None:
     assert (private.num_server_rounds, private.local_steps) == (5, 20)
     assert private.budget_rounds == 5
     assert private.to_run_config({"local-steps": 3})["finetune-steps"] == 0
+    assert private.to_run_config({"num-server-rounds": 50})["finetune-steps"] == 0
 
 
 def test_a_one_round_budget_deploys_the_global_model_within_that_round() -> None:
