@@ -99,8 +99,9 @@ class RunFolder(RunFiles):
     def save_plan(self, plan: Plan, values: Mapping[str, Any] | None = None) -> None:
         """Write the plan made from the sites' fingerprints, with its reasons.
 
-        ``values``, the user's run config, sizes the deployed fine-tune as the run
-        does (:meth:`Plan.to_run_config`).
+        Every value is the planner's; ``values``, the user's run config, only sizes
+        the planned fine-tune to the user's rounds and steps (:meth:`Plan.to_run_config`).
+        A key the user sets, ``finetune-steps`` included, still overrides its value.
         """
         text = json.dumps({"run-config": plan.to_run_config(values),
                            "reasons": list(plan.reasons)}, indent=2)

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from server.config import RunConfig
 from server.federation import NotEnoughSitesError, wait_for_nodes
 from shared import protocol as p
+from shared.personalization import PERSONALIZATIONS
 from shared.planning import Fingerprint, Plan, PlanningError, make_plan
 
 log = logging.getLogger("fedseg.server")
@@ -61,11 +62,11 @@ def planned_run_config(grid: Grid, values: Mapping[str, Any],
     if not RunConfig.needs_plan(values):
         return RunConfig.from_user_config(values), None
     plan = make_plan(collect_fingerprints(grid, RunConfig.from_user_config(values)))
-    planned = plan.to_run_config(values)
-    config = RunConfig.from_user_config(values, planned)
+    config = RunConfig.from_user_config(values, plan.to_run_config(values))
     for line in plan.reasons:
         echo(f"plan: {line}")
-    if planned["finetune-steps"] != plan.finetune_steps:
-        echo(f"plan: the run config's rounds or steps make the deployed fine-tune "
-             f"{planned['finetune-steps']} steps")
+    # What runs, not what was planned: the user's finetune-steps, if set, wins too.
+    finetune = config.training.finetune_length(config.training.local_steps)
+    if PERSONALIZATIONS[config.model.personalization].finetunes and finetune != plan.finetune_steps:
+        echo(f"plan: the run config's rounds or steps make the deployed fine-tune {finetune} steps")
     return config, plan
