@@ -83,15 +83,23 @@ METHODS: tuple[str, ...] = (*CENTRALISED, *FEDERATED)
 POOLED_MARGIN = 0.01
 
 
-def plan_budget(plan: Plan) -> dict[str, Any]:
+def plan_budget(plan: Plan, rounds: int | None = None,
+                local_steps: int | None = None) -> dict[str, Any]:
     """Return the plan's run config as every method's budget.
 
     The plan takes its deployed fine-tune out of its rounds; here they go back
     (:attr:`Plan.budget_rounds`), so each method (the fine-tuning one included,
     which takes them out again) gets the plan's steps per site. Each method names
     what its sites deploy, so the plan's choice becomes one of them.
+
+    ``rounds`` and ``local_steps`` (``--rounds``, ``--local-steps``) replace the
+    budget's; the fine-tune keeps the plan's share of it (:meth:`Plan.finetune_rounds`),
+    so a quick budget of 6 retina rounds fine-tunes one round, not the plan's five.
     """
-    return {**plan.to_run_config(), "num-server-rounds": plan.budget_rounds,
+    budget = plan.budget_rounds if rounds is None else rounds
+    steps = plan.local_steps if local_steps is None else local_steps
+    return {**plan.to_run_config(), "num-server-rounds": budget, "local-steps": steps,
+            "finetune-steps": plan.finetune_rounds(budget, budget=True) * steps,
             "personalization": "none"}
 
 
@@ -582,7 +590,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         metavar="METHOD", help=f"any of {', '.join(METHODS)} (default: all)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="override the planned number of rounds")
+                        help="override the planned budget in rounds (the fine-tune keeps "
+                             "its planned share)")
     parser.add_argument("--local-steps", type=int, default=None,
                         help="override the planned optimiser steps per site per round")
     parser.add_argument("--run-config", action="append", default=None,
@@ -618,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             planned = dict(SYNTHETIC_2D)
         else:
             data = args.data
-            planned = plan_budget(plan_sites(find_site_folders(data)))
+            planned = plan_budget(plan_sites(find_site_folders(data)), args.rounds,
+                                  args.local_steps)
         folders = find_site_folders(data)
         sites = [f.name for f in folders]
         values: dict[str, Any] = {**planned, **_parse_overrides(args.run_config)}

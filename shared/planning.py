@@ -300,6 +300,32 @@ class Plan:
         """Steps of the deployed fine-tune: the rounds it took out of the budget (0: none)."""
         return (self.budget_rounds - self.num_server_rounds) * self.local_steps
 
+    def finetune_rounds(self, rounds: int, *, budget: bool = False) -> int:
+        """Return the deployed fine-tune's rounds for a run of ``rounds``, in the plan's proportion.
+
+        Parameters
+        ----------
+        rounds : int
+            The run's federated rounds; with ``budget``, its whole budget in rounds
+            (federated rounds plus the fine-tune's, as :attr:`budget_rounds`).
+        budget : bool
+            Count ``rounds`` as a budget, which the fine-tune then takes out of
+            and never wholly (at most ``rounds - 1``).
+
+        Returns
+        -------
+        int
+            0 when the plan does not fine-tune; the plan's own fine-tune for the
+            plan's rounds; otherwise at least one round (retina, 5 per 25 federated
+            rounds or per 30 of budget: 3 rounds give 1, 50 give 10).
+        """
+        tuning = self.budget_rounds - self.num_server_rounds
+        base = self.budget_rounds if budget else self.num_server_rounds
+        if not tuning or rounds == base or rounds < 1:
+            return tuning  # no rounds at all are the run-config parser's to refuse
+        scaled = max(1, round(rounds * tuning / base))
+        return min(rounds - 1, scaled) if budget else scaled
+
     def to_run_config(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Return the planned values under their run-config keys.
 
@@ -313,10 +339,7 @@ class Plan:
         """
         steps = _user_int(values, "local-steps", self.local_steps)
         rounds = _user_int(values, "num-server-rounds", self.num_server_rounds)
-        tuning = self.budget_rounds - self.num_server_rounds
-        if tuning and rounds != self.num_server_rounds:
-            tuning = max(1, round(rounds * tuning / self.num_server_rounds))
-        finetune = tuning * steps
+        finetune = self.finetune_rounds(rounds) * steps
         return {
             "in-channels": self.in_channels,
             "resize": _csv(self.resize) if self.resize else "none",

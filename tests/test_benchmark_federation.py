@@ -69,6 +69,17 @@ def test_the_plans_fine_tune_rounds_go_back_into_every_methods_budget() -> None:
     assert method_rounds("finetune", budget, 30, 150) == 25
     private = make_plan([replace(thin, dp_patients=16)])
     assert plan_budget(private) == private.to_run_config()
+    # --rounds and --local-steps: the fine-tune keeps its share (5 of 30), one round at least.
+    quick = plan_budget(plan, 6, 20)
+    assert (quick["num-server-rounds"], quick["local-steps"], quick["finetune-steps"]) == (
+        6, 20, 20)
+    assert method_rounds("finetune", quick, 6, 20) == 5
+    assert plan_budget(plan, 60)["finetune-steps"] == 1500
+    assert plan_budget(plan, 30, 150) == budget
+    # A budget of one round leaves none to take; none at all is the parser's to refuse.
+    assert plan_budget(plan, 1)["finetune-steps"] == 0
+    assert plan_budget(plan, 0)["finetune-steps"] == 750
+    assert plan_budget(private, 6)["finetune-steps"] == 0
 
 
 def test_ditto_splits_the_budget_and_finetune_takes_its_steps_out_of_it() -> None:

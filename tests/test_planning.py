@@ -61,6 +61,10 @@ def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation
         "finetune-steps"] == 3
     assert plan.to_run_config({"num-server-rounds": 25})["finetune-steps"] == 750
     assert plan.to_run_config({"num-server-rounds": 0})["finetune-steps"] == 750
+    # The same share of a budget (federated and fine-tuning rounds): 5 of 30, never all of it.
+    assert [plan.finetune_rounds(r, budget=True) for r in (30, 60, 6, 2, 1, 0)] == [
+        5, 10, 1, 1, 0, 5]
+    assert [plan.finetune_rounds(r) for r in (25, 50, 3, 1, 0)] == [5, 10, 1, 1, 5]
 
 
 def test_3d_volumes_get_a_budgeted_patch_and_a_narrow_network() -> None:
