@@ -53,8 +53,8 @@ def child(site_dir: Path, state: Path, mode: str, run_config: dict[str, Any],
     wall, cpu = time.perf_counter(), time.process_time()
     if mode == "none":
         train, val = site_split(site.data_path, site.patient_pattern, site.val_fraction)
-        data = SiteData(train=tuple(prepared_case(r, spec, spec.resize, None) for r in train),
-                        val=tuple(prepared_case(r, spec, (), None) for r in val))
+        data = SiteData(train=tuple(prepared_case(r, spec, None, working=True) for r in train),
+                        val=tuple(prepared_case(r, spec, None, working=False) for r in val))
     else:
         data = SiteData.load(site, spec)
     result: dict[str, Any] = {

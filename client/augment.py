@@ -57,7 +57,10 @@ def _spatial(patch_size: tuple[int, ...], whole_image: bool) -> list[Any]:
             fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices",
             allow_smaller=False))
         steps += [RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(dims)]
-        steps.append(RandRotate90d(KEYS, prob=0.5, spatial_axes=(0, 1)))
+        if patch_size[0] == patch_size[1]:
+            # A quarter turn swaps the two axes: only a square patch keeps its shape,
+            # and a batch needs one shape (a 56x64x40 patch would stack with 64x56x40).
+            steps.append(RandRotate90d(KEYS, prob=0.5, spatial_axes=(0, 1)))
     steps.append(RandAffined(
         KEYS, prob=0.2, rotate_range=(0.26,) if dims == 2 else (0.26, 0.0, 0.0),
         scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="zeros"))

@@ -19,7 +19,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from client.preprocess import resize_image, resize_logits
-from shared.config import ModelSpec
+from shared.config import ModelSpec, working_size
 from shared.errors import ConfigError
 
 # How windows are blended where they overlap: a Gaussian weight hides seams.
@@ -50,12 +50,16 @@ class Tiling:
     flips : tuple of tuple of int
         Spatial axes flipped in each pass whose probabilities :func:`predict_classes`
         averages; ``((),)`` is one plain pass.
+    downsample : tuple of int
+        The planned whole factors per axis (``()``: none), applied to each image's
+        own size instead of a fixed one; logits go back the same way.
     """
 
     patch_size: tuple[int, ...]
     resize: tuple[int, ...] = ()
     overlap: float = 0.25
     flips: tuple[tuple[int, ...], ...] = ((),)
+    downsample: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, spec: ModelSpec) -> Tiling:
@@ -65,7 +69,7 @@ class Tiling:
         trained on (:func:`trained_flips`), as nnU-Net does.
         """
         flips = trained_flips(spec) if spec.test_time_flips else ((),)
-        return cls(spec.patch_size, spec.resize, flips=flips)
+        return cls(spec.patch_size, spec.resize, flips=flips, downsample=spec.downsample)
 
     def single_pass(self) -> Tiling:
         """Return this tiling without test-time flips (cheaper monitoring of a round)."""
@@ -105,7 +109,7 @@ def predict_logits(net: nn.Module, image: np.ndarray, tiling: Tiling,
     image : numpy.ndarray
         ``(C, *spatial)`` float32 image, normalised as for training.
     tiling : Tiling
-        Window size, planned resize and overlap.
+        Window size, planned resize or downsampling, and overlap.
     device : torch.device
         Where to run the network.
 
@@ -115,7 +119,8 @@ def predict_logits(net: nn.Module, image: np.ndarray, tiling: Tiling,
         ``(1, num_classes, *image.shape[1:])`` float logits on ``device``.
     """
     net.eval()
-    work = resize_image(image, tiling.resize) if tiling.resize else image
+    size = working_size(image.shape[1:], tiling.resize, tiling.downsample)
+    work = resize_image(image, size) if size else image
     x = torch.from_numpy(np.ascontiguousarray(work))[None].to(device)
     logits = sliding_window_inference(
         x, roi_size=tiling.patch_size, sw_batch_size=tiling.windows_per_batch, predictor=net,

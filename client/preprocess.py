@@ -59,8 +59,8 @@ _CODE = ("client.imaging", "client.transforms", "client.data_contract",
          "shared.normalization", __name__)
 
 
-def prepared_case(ref: CaseRef, spec: ModelSpec, size: tuple[int, ...],
-                  cache: Path | None) -> LoadedCase:
+def prepared_case(ref: CaseRef, spec: ModelSpec, cache: Path | None, *,
+                  working: bool) -> LoadedCase:
     """Return a case as :func:`~client.data_contract.load_case` prepares it, resampled.
 
     Parameters
@@ -69,14 +69,17 @@ def prepared_case(ref: CaseRef, spec: ModelSpec, size: tuple[int, ...],
         The case.
     spec : ModelSpec
         Its in-channels, classes, dimensions and normalisation apply.
-    size : tuple of int
-        Resample image and label to this size; ``()`` keeps the case's own.
     cache : pathlib.Path or None
         The site's disk cache (:mod:`client.case_cache`). A case prepared before
         from the same two files, settings and code is read from there (only its
         image file's decoded array besides); otherwise it is prepared and stored.
         Only cases that passed every check are stored, so a hit skips nothing
         that could fail now.
+    working : bool
+        Resample image and label to the network's working size
+        (:meth:`~shared.config.ModelSpec.working_size`: the planned ``resize`` or
+        ``downsample``), as training cases are; ``False`` keeps the case's own size,
+        as validation cases do.
 
     Raises
     ------
@@ -84,9 +87,10 @@ def prepared_case(ref: CaseRef, spec: ModelSpec, size: tuple[int, ...],
         The case breaks the data contract (never cached, so raised every time).
     """
     if cache is None:
-        return _prepare(ref, spec, size, None)
+        return _prepare(ref, spec, working, None)
+    resampling = [list(spec.resize), list(spec.downsample)] if working else []
     name: list[object] = [str(ref.image.resolve()), str(ref.label.resolve()), spec.in_channels,
-                          spec.num_classes, spec.spatial_dims, spec.normalization, list(size)]
+                          spec.num_classes, spec.spatial_dims, spec.normalization, resampling]
     # Taken before reading: a file changed meanwhile has another identity next time.
     identity = [*case_cache.file_identity(ref.image), *case_cache.file_identity(ref.label),
                 case_cache.code_version(*_CODE)]
@@ -95,19 +99,20 @@ def prepared_case(ref: CaseRef, spec: ModelSpec, size: tuple[int, ...],
         return LoadedCase(case_id=ref.case_id, patient_id=ref.patient_id, image=entry["image"],
                           label=entry["label"].astype(np.int64),
                           source=read_image(ref.image, cache))
-    case = _prepare(ref, spec, size, cache)
+    case = _prepare(ref, spec, working, cache)
     # Class indices lie below num-classes: store them in the smallest type that holds them.
     label = case.label.astype(np.min_scalar_type(spec.num_classes - 1))
     case_cache.store(cache, "cases", name, identity, {"image": case.image, "label": label})
     return case
 
 
-def _prepare(ref: CaseRef, spec: ModelSpec, size: tuple[int, ...],
+def _prepare(ref: CaseRef, spec: ModelSpec, working: bool,
              cache: Path | None) -> LoadedCase:
     global PREPARED
     case = load_case(ref, spec.in_channels, spec.num_classes, spec.spatial_dims,
                      spec.normalization, cache)
     PREPARED += 1
+    size = spec.working_size(case.image.shape[1:]) if working else ()
     if not size:
         return case
     return replace(case, image=resize_image(case.image, size),

@@ -93,11 +93,11 @@ class SiteData:
         """
         train_refs, val_refs = site_split(site.data_path, site.patient_pattern,
                                           site.val_fraction)
-        # Training cases are resampled once to the planned size; validation cases keep
+        # Training cases are resampled once to the planned working size; validation cases keep
         # their own, so Dice is measured against the label as the hospital drew it.
         return cls(
-            train=tuple(prepared_case(r, spec, spec.resize, site.cache_dir) for r in train_refs),
-            val=tuple(prepared_case(r, spec, (), site.cache_dir) for r in val_refs),
+            train=tuple(prepared_case(r, spec, site.cache_dir, working=True) for r in train_refs),
+            val=tuple(prepared_case(r, spec, site.cache_dir, working=False) for r in val_refs),
         )
 
 

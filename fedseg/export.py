@@ -48,6 +48,9 @@ TOLERANCE = 1e-4
 RESIZE = ("resample the normalised image to this size by area averaging before the network, "
           "and the logits back to the image's own size (bilinear or trilinear, "
           "align_corners=False) before the argmax")
+DOWNSAMPLE = ("resample the normalised image to ceil(side / factor) per axis by area "
+              "averaging before the network, and the logits back to the image's own size "
+              "(bilinear or trilinear, align_corners=False) before the argmax")
 CHANNEL_MATCHING = (
     "images with in_channels channels are used as they are; a 1-channel image is repeated "
     "to in_channels; RGB/RGBA is averaged over R, G, B for a 1-channel model; RGBA drops "
@@ -281,6 +284,8 @@ def _contract(request: ExportRequest, site_net: SiteNetwork, diff: float) -> dic
         "normalization_scheme": spec.normalization,
         "resize": list(spec.resize) if spec.resize else None,
         "resize_how": RESIZE if spec.resize else None,
+        "downsample": list(spec.downsample) if spec.downsample else None,
+        "downsample_how": DOWNSAMPLE if spec.downsample else None,
         "channel_matching": CHANNEL_MATCHING,
         "output": OUTPUT,
         "sliding_window": sliding_window(spec),

@@ -16,7 +16,7 @@ The owners' full tables are :class:`server.config.RunConfig` (coordinator) and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,6 +45,32 @@ from shared.weights import TRANSFER_DTYPES
 
 def _csv(values: tuple[int, ...]) -> str:
     return ",".join(str(v) for v in values)
+
+
+def working_size(shape: Sequence[int], resize: Sequence[int],
+                 downsample: Sequence[int]) -> tuple[int, ...]:
+    """Return the size a case of ``shape`` is resampled to for the network.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The case's own spatial size.
+    resize : sequence of int
+        A fixed size for every case (``()``: none).
+    downsample : sequence of int
+        Whole factors per axis (``()``: none); a side shrinks to ``ceil(side /
+        factor)``, so no side becomes 0.
+
+    Returns
+    -------
+    tuple of int
+        ``resize`` when set, else the downsampled shape, else ``()`` (the case's own).
+    """
+    if resize:
+        return tuple(resize)
+    if downsample:
+        return tuple(-(-int(side) // int(f)) for side, f in zip(shape, downsample, strict=True))
+    return ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +103,11 @@ class ModelSpec:
         "resize", (), "size every case is resampled to before training and inference (`none`: "
         "native resolution); Dice and masks stay at full resolution", wire="model-resize",
         planned=True, empty_ok=True)
+    downsample: tuple[int, ...] = integers(
+        "downsample", (), "whole factor per axis by which every case is shrunk before training "
+        "and inference, keeping each case's proportions (e.g. `2,2,1`; `none`: native "
+        "resolution); Dice and masks stay at full resolution", wire="model-downsample",
+        planned=True, empty_ok=True)
     normalization: str = choice("normalization", "zscore", "intensity normalisation per image",
                                 choices=NORMALIZATIONS, wire="model-normalization", planned=True)
     adaptation: str = choice("adaptation", "none", "site-local layers (see Domain adaptation)",
@@ -100,6 +131,12 @@ class ModelSpec:
         if self.resize and len(self.resize) != len(self.patch_size):
             raise invalid(self, "resize", f"needs {len(self.patch_size)} values like patch-size, "
                           f"or none, got {_csv(self.resize)}")
+        if self.downsample and len(self.downsample) != len(self.patch_size):
+            raise invalid(self, "downsample", f"needs {len(self.patch_size)} values like "
+                          f"patch-size, or none, got {_csv(self.downsample)}")
+        if self.downsample and self.resize:
+            raise invalid(self, "downsample", "and resize both resample every case: set one "
+                          "of them to none")
         network = NETWORKS[self.network]
         if len(self.channels) < network.min_levels:
             raise invalid(self, "channels", f"{self.network} {network.channels_hint}")
@@ -127,6 +164,10 @@ class ModelSpec:
     def spatial_dims(self) -> int:
         """Number of spatial dimensions (2 or 3)."""
         return len(self.patch_size)
+
+    def working_size(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Return the size a case of ``shape`` is trained and predicted at (``()``: its own)."""
+        return working_size(shape, self.resize, self.downsample)
 
     @property
     def downsampling_factor(self) -> int:

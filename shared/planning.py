@@ -185,6 +185,8 @@ class PlannerRules:
         Longest side a 2D image is resized to when its structures are thick enough.
     min_thickness : float
         Structures stay at least this many pixels thick after resizing.
+    max_downsample : int
+        Largest whole factor a volume's finest axes are shrunk by.
     min_bottleneck : dict of int to int
         Smallest side of the network's deepest feature map.
     max_levels : int
@@ -219,13 +221,14 @@ class PlannerRules:
     native_patch_side: dict[int, int] = field(default_factory=lambda: {2: 96, 3: 64})
     whole_image_side: int = 256
     min_thickness: float = 12.0
+    max_downsample: int = 4
     min_bottleneck: dict[int, int] = field(default_factory=lambda: {2: 8, 3: 4})
     max_levels: int = 5
     base_channels: dict[int, int] = field(default_factory=lambda: {2: 16, 3: 8})
     max_channels: dict[int, int] = field(default_factory=lambda: {2: 256, 3: 128})
     batch_size: dict[int, int] = field(default_factory=lambda: {2: 8, 3: 2})
     voxels_per_site: dict[int, int] = field(default_factory=lambda: {2: 800 * 8 * 256 * 256,
-                                                                     3: 400 * 2 * 64 * 64 * 48})
+                                                                     3: 1600 * 2 * 64 * 64 * 48})
     rounds: int = 10
     max_rounds: int = 30
     min_steps: int = 20
@@ -276,6 +279,10 @@ class Plan:
     site_weighting : str
         How the strategy weights each site's update: ``equal`` without DP-SGD,
         ``cases`` under it.
+    downsample : tuple of int
+        Whole factors per axis every case is shrunk by (``()``: none); planned
+        for thick structures in volumes with a physical spacing, where ``resize``
+        is not.
     reasons : tuple of str
         One line per decision, printed by ``fedseg plan``.
     """
@@ -293,6 +300,7 @@ class Plan:
     budget_rounds: int
     personalization: str = "none"
     site_weighting: str = "cases"
+    downsample: tuple[int, ...] = ()
     reasons: tuple[str, ...] = ()
 
     @property
@@ -343,6 +351,7 @@ class Plan:
         return {
             "in-channels": self.in_channels,
             "resize": _csv(self.resize) if self.resize else "none",
+            "downsample": _csv(self.downsample) if self.downsample else "none",
             "patch-size": _csv(self.patch_size),
             "channels": _csv(self.channels),
             "batch-size": self.batch_size,
@@ -426,6 +435,21 @@ def _levels(patch: Sequence[int], rules: PlannerRules, dims: int) -> int:
     return max(2, min(rules.max_levels, downs + 1))
 
 
+def _downsample_factors(fp: Fingerprint, rules: PlannerRules) -> tuple[int, ...]:
+    """Whole factors per axis that keep structures ``min_thickness`` thick.
+
+    The finest axes shrink by ``thickness / min_thickness`` rounded, at least 2
+    (called from 1.5, as a 2D image is resized from 1.5) and at most
+    ``max_downsample``; a coarser axis by proportionally less, so an anisotropic
+    volume (CT of 0.7 x 0.7 x 5 mm) keeps its few thick slices.
+    """
+    # Half up, not to even: 30 voxels over 12 is a factor of 3.
+    factor = min(rules.max_downsample, max(2, int(fp.thickness / rules.min_thickness + 0.5)))
+    finest = min(fp.spacing)
+    return tuple(max(1, int(factor * finest / s + 0.5)) if s > 0 else factor
+                 for s in fp.spacing)
+
+
 def _shrink_to_budget(shape: Sequence[int], budget: int) -> list[int]:
     """Halve the longest axis (nnU-Net shrinks the largest relative axis) until it fits."""
     patch = list(shape)
@@ -463,6 +487,7 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
                        f"{fp.dp_patients} patients: a smaller network on smaller images, "
                        "large batches of patients, fewer steps")
     resize: tuple[int, ...] = ()
+    downsample: tuple[int, ...] = ()
     work_shape = list(fp.shape)
     factor = 1.0
     if dims == 2 and not fp.has_spacing:
@@ -475,6 +500,18 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
         reasons.append(f"structures are {fp.thickness:.0f} px thick: resize to "
                        f"{'x'.join(map(str, resize))} (factor {factor:.2f}); Dice is still "
                        "measured at full resolution")
+    elif (dims == 3 or fp.has_spacing) and fp.thickness >= 1.5 * rules.min_thickness \
+            and math.prod(fp.shape) > rules.max_patch_voxels[dims]:
+        # Thick structures in a volume larger than a patch: shrinking each case by a
+        # whole factor (nnU-Net's low-resolution stage) lets a patch hold the whole
+        # structure, and keeps each case's proportions, which a fixed size would
+        # not. Left atrium MRI, one seed, 9 x 52 steps: 0.453 native, 0.784 halved.
+        downsample = _downsample_factors(fp, rules)
+        work_shape = [-(-s // d) for s, d in zip(fp.shape, downsample, strict=True)]
+        reasons.append(f"structures are {fp.thickness:.0f} voxels thick: shrink every case by "
+                       f"{'x'.join(map(str, downsample))} (median "
+                       f"{'x'.join(map(str, work_shape))}); Dice is still measured at full "
+                       "resolution")
     else:
         reasons.append(f"structures are {fp.thickness:.1f} px thick: keep native resolution")
     if math.prod(work_shape) <= rules.max_patch_voxels[dims]:
@@ -560,5 +597,6 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
         channels=channels, batch_size=batch, local_steps=steps,
         num_server_rounds=rounds, normalization=normalization,
         learning_rate=rules.learning_rate, personalization=personalization,
-        site_weighting=site_weighting, budget_rounds=budget_rounds, reasons=tuple(reasons),
+        site_weighting=site_weighting, budget_rounds=budget_rounds, downsample=downsample,
+        reasons=tuple(reasons),
     )

@@ -150,6 +150,11 @@ def test_plan_with_a_bad_site_config(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 @pytest.mark.parametrize("override,message", [
     ("resize='96'", "run config key 'resize': needs 2 values like patch-size, or none, got 96"),
+    ("downsample='2,2,1'", "run config key 'downsample': needs 2 values like patch-size, or "
+     "none, got 2,2,1"),
+    ("downsample='2,2' resize='64,64'", "run config key 'downsample': and resize both resample "
+     "every case: set one of them to none"),
+    ("downsample='0,2'", "run config key 'downsample'"),
     ("normalization='zscor'", "run config key 'normalization': must be one of zscore, "
      "zscore-fov, got 'zscor' (did you mean 'zscore'?)"),
     ("lr-schedule='cos'", "run config key 'lr-schedule': must be one of constant, cosine, poly, "

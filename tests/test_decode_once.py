@@ -99,23 +99,26 @@ def test_a_second_process_decodes_nothing(tmp_path: Path) -> None:
     assert planning["decodes"] == 2 * len(train)
     assert first["decodes"] == 2 * len(val) and first["prepared"] == len(train) + len(val)
     assert second["decodes"] == 0 and second["prepared"] == 0
-    expected = cases_digest([*(prepared_case(r, SPEC, SPEC.resize, None) for r in train),
-                             *(prepared_case(r, SPEC, (), None) for r in val)])
+    expected = cases_digest([*(prepared_case(r, SPEC, None, working=True) for r in train),
+                             *(prepared_case(r, SPEC, None, working=False) for r in val)])
     assert first["digest"] == second["digest"] == expected
 
 
+@pytest.mark.parametrize("how", ["resize", "downsample"])
 @pytest.mark.parametrize("dims", [2, 3])
-def test_cached_cases_equal_decoded_ones(tmp_path: Path, dims: int) -> None:
+def test_cached_cases_equal_decoded_ones(tmp_path: Path, dims: int, how: str) -> None:
     site = _site(tmp_path, cases=4, shape=(32,) * dims)
-    spec = ModelSpec(channels=(8, 16), patch_size=(16,) * dims, resize=(16,) * dims)
+    spec = ModelSpec(channels=(8, 16), patch_size=(16,) * dims,
+                     **{how: (16,) * dims if how == "resize" else (2,) * dims})
     refs = discover_cases(site.data_path)
-    plain = [prepared_case(r, spec, spec.resize, None) for r in refs]
+    plain = [prepared_case(r, spec, None, working=True) for r in refs]
+    assert {a.image.shape[1:] for a in plain} == {a.label.shape for a in plain} == {(16,) * dims}
     assert not site.cache_dir.exists()              # no cache given, nothing written
     _new_process()
-    cold = [prepared_case(r, spec, spec.resize, site.cache_dir) for r in refs]
+    cold = [prepared_case(r, spec, site.cache_dir, working=True) for r in refs]
     _new_process()
     decodes, prepared = imaging.DECODES, preprocess.PREPARED
-    warm = [prepared_case(r, spec, spec.resize, site.cache_dir) for r in refs]
+    warm = [prepared_case(r, spec, site.cache_dir, working=True) for r in refs]
     assert (decodes, prepared) == (imaging.DECODES, preprocess.PREPARED)
     for a, b, c in zip(plain, cold, warm, strict=True):
         for x, y, z in ((a.image, b.image, c.image), (a.label, b.label, c.label),
@@ -128,6 +131,9 @@ def test_cached_cases_equal_decoded_ones(tmp_path: Path, dims: int) -> None:
             assert isinstance(a.source.header, nib.Nifti1Header)
             assert isinstance(c.source.header, nib.Nifti1Header)
             assert a.source.header.binaryblock == c.source.header.binaryblock
+    # Validation cases keep their own size: the cache holds them apart.
+    native = [prepared_case(r, spec, site.cache_dir, working=False) for r in refs]
+    assert {a.image.shape[1:] for a in native} == {(32,) * dims}
 
 
 def test_a_changed_file_is_decoded_again_from_the_disk_cache(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,20 @@ def test_contract_sliding_window_reproduces_predict_logits() -> None:
                                           net, overlap=window["overlap"], mode=window["mode"])
     assert isinstance(actual, torch.Tensor)
     assert torch.equal(actual, expected)
+
+
+def test_contract_says_how_a_downsampled_model_resamples(tmp_path: Path) -> None:
+    spec = replace(SPEC_3D, downsample=(2, 2, 1))
+    model, _ = global_model(tmp_path, spec)
+    assert export(model, "onnx", tmp_path / "m.onnx") == 0
+    contract = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert contract["downsample"] == [2, 2, 1]
+    assert "ceil(side / factor) per axis by area averaging" in contract["downsample_how"]
+    assert contract["resize"] is None
+    model, _ = global_model(tmp_path / "plain", SPEC_3D)
+    assert export(model, "onnx", tmp_path / "p.onnx") == 0
+    plain = json.loads((tmp_path / "p.onnx.json").read_text())
+    assert plain["downsample"] is plain["downsample_how"] is None
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:

@@ -69,6 +69,36 @@ def test_every_voxel_gets_its_own_logits_whatever_the_size(shape: tuple[int, ...
                                   (image[0] < 0).astype(np.int64))
 
 
+class Counting(Pointwise):
+    """:class:`Pointwise`, counting the windows it was shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.windows += x.shape[0]
+        return super().forward(x)
+
+
+def test_a_downsampled_model_sees_each_image_shrunk_and_answers_at_full_size() -> None:
+    # Each image shrinks by its own factors (not to one fixed size): the windows are
+    # those of the shrunk image. The logits come back at the image's own size, so
+    # masks and Dice stay at full resolution.
+    spec = ModelSpec(channels=(4, 8), patch_size=(8, 8, 4), downsample=(2, 2, 1),
+                     test_time_flips=False)
+    tiling = Tiling.of(spec)
+    assert tiling.downsample == (2, 2, 1)
+    for shape, work in (((32, 30, 8), (16, 15, 8)), ((31, 17, 5), (16, 9, 5))):
+        assert spec.working_size(shape) == work
+        net = Counting()
+        image = np.full((1, *shape), 3.0, dtype=np.float32)
+        logits = predict_logits(net, image, tiling, CPU)
+        assert logits.shape == (1, 2, *shape)
+        np.testing.assert_allclose(logits[0, 0].numpy(), 3.0, atol=1e-5)
+        assert net.windows == count_windows(work, tiling) < count_windows(shape, tiling)
+
+
 def test_windows_per_batch_follows_the_voxel_budget() -> None:
     assert Tiling((96, 96)).windows_per_batch == MAX_WINDOWS_PER_BATCH
     assert Tiling((32, 32, 32)).windows_per_batch == MAX_WINDOWS_PER_BATCH

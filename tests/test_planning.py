@@ -31,7 +31,8 @@ def _fp(**kw: object) -> Fingerprint:
 def test_thick_structures_on_large_radiographs_plan_whole_downsampled_images() -> None:
     plan = make_plan([_fp(), _fp(num_cases=300, dark_fraction=0.01)])
     assert plan.to_run_config() == {
-        "in-channels": 1, "resize": "256,256", "patch-size": "256,256",
+        "in-channels": 1, "resize": "256,256", "downsample": "none",
+        "patch-size": "256,256",
         "channels": "16,32,64,128,256", "batch-size": 8, "local-steps": 80,
         "num-server-rounds": 9, "normalization": "zscore", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 80,
@@ -42,7 +43,8 @@ def test_thick_structures_on_large_radiographs_plan_whole_downsampled_images() -
 def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation() -> None:
     plan = make_plan([_fp(channels=3, shape=(584, 568), thickness=6.0, dark_fraction=0.3)])
     assert plan.to_run_config() == {
-        "in-channels": 3, "resize": "none", "patch-size": "96,96",
+        "in-channels": 3, "resize": "none", "downsample": "none",
+        "patch-size": "96,96",
         "channels": "16,32,64,128", "batch-size": 8, "local-steps": 150,
         "num-server-rounds": 25, "normalization": "zscore-fov", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 750,
@@ -68,12 +70,48 @@ def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation
 
 
 def test_3d_volumes_get_a_budgeted_patch_and_a_narrow_network() -> None:
+    # Thin structures in a 3D volume stay at native resolution, in patches.
     plan = make_plan([_fp(spatial_dims=3, shape=(192, 144, 88), spacing=(0.625,) * 3,
-                          has_spacing=True, thickness=25.6)])
-    assert plan.resize == ()
+                          has_spacing=True, thickness=6.0)])
+    assert (plan.resize, plan.downsample) == ((), ())
     assert plan.patch_size == (56, 56, 48)
     assert plan.channels == (8, 16, 32, 64)
-    assert (plan.batch_size, plan.local_steps) == (2, 52)
+    # 1600 steps of batch 2 of 64x64x48 voxels: 2090 of 56x56x48, 14 rounds at most 150.
+    assert (plan.batch_size, plan.local_steps, plan.budget_rounds) == (2, 149, 14)
+    assert (plan.num_server_rounds, plan.finetune_steps) == (12, 298)
+
+
+def test_thick_structures_in_volumes_shrink_each_case_by_whole_factors() -> None:
+    # The left atrium (26 voxels thick at 0.625 mm): every axis halved, each case's own
+    # proportions kept, so the patch holds most of the structure.
+    atrium = _fp(spatial_dims=3, shape=(192, 144, 88), spacing=(0.625,) * 3,
+                 has_spacing=True, thickness=25.6)
+    plan = make_plan([atrium])
+    assert plan.to_run_config() == {
+        "in-channels": 1, "resize": "none", "downsample": "2,2,2", "patch-size": "48,64,40",
+        "channels": "8,16,32,64", "batch-size": 2, "local-steps": 142,
+        "num-server-rounds": 15, "normalization": "zscore", "learning-rate": 0.002,
+        "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 426,
+        "site-weighting": "equal",
+    }
+    assert ("structures are 26 voxels thick: shrink every case by 2x2x2 (median 96x72x44); "
+            "Dice is still measured at full resolution") in plan.reasons
+    # From 1.5 times the minimum thickness (12) a factor of 2; larger ones round, up to 4.
+    factors = [make_plan([replace(atrium, thickness=t)]).downsample
+               for t in (17.9, 18.0, 29.9, 30.0, 42.0, 200.0)]
+    assert factors == [(), (2, 2, 2), (2, 2, 2), (3, 3, 3), (4, 4, 4), (4, 4, 4)]
+    # An anisotropic CT (0.7 x 0.7 x 5 mm) keeps its thick slices.
+    ct = _fp(spatial_dims=3, shape=(512, 512, 96), spacing=(0.7, 0.7, 5.0), has_spacing=True,
+             thickness=60.0)
+    assert make_plan([ct]).downsample == (4, 4, 1)
+    assert make_plan([replace(ct, spacing=(0.7, 0.7, 1.4))]).downsample == (4, 4, 2)
+    # A volume that fits in one patch needs no shrinking; nor does a 2D image without a
+    # spacing (it is resized whole instead, see above).
+    assert make_plan([replace(atrium, shape=(48, 48, 40))]).downsample == ()
+    assert make_plan([_fp()]).downsample == ()
+    # A 2D image with a physical spacing is shrunk like a volume.
+    assert make_plan([_fp(has_spacing=True, shape=(1024, 1024), thickness=28.0)]
+                     ).downsample == (2, 2)
 
 
 def test_small_images_fit_whole_without_resizing() -> None:
@@ -87,7 +125,8 @@ def test_small_images_fit_whole_without_resizing() -> None:
 def test_sites_under_dp_get_a_small_network_and_large_batches_of_patients() -> None:
     plan = make_plan([_fp(num_cases=94, dp_patients=94), _fp(num_cases=358)])
     assert plan.to_run_config() == {
-        "in-channels": 1, "resize": "128,128", "patch-size": "128,128",
+        "in-channels": 1, "resize": "128,128", "downsample": "none",
+        "patch-size": "128,128",
         "channels": "8,16,32,64", "batch-size": 31, "local-steps": 20,
         "num-server-rounds": 5, "normalization": "zscore", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "none", "finetune-steps": 0,

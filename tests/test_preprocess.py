@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from client.preprocess import resize_image, resize_label, resize_logits
+from shared.config import ModelSpec, working_size
 from shared.normalization import dark_mask, normalize
 
 
@@ -69,3 +70,13 @@ def test_a_constant_patch_does_not_fill_the_site_log_with_histogram_warnings() -
     out = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "['another warning']"
+
+
+def test_working_size_is_a_fixed_resize_or_each_cases_own_size_over_whole_factors() -> None:
+    assert working_size((101, 77, 9), (), (2, 2, 1)) == (51, 39, 9)  # ceil: no side is lost
+    assert working_size((1, 2), (), (4, 4)) == (1, 1)
+    assert working_size((101, 77), (64, 64), ()) == (64, 64)
+    assert working_size((101, 77), (), ()) == ()
+    spec = ModelSpec(channels=(4, 8), patch_size=(8, 8, 8), downsample=(2, 2, 1))
+    assert spec.working_size((20, 18, 5)) == (10, 9, 5)
+    assert spec.working_size((21, 17, 5)) == (11, 9, 5)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from client.data_contract import discover_cases, load_case, split_cases
+from fedseg.cli import main
 from server.history import MetricsHistory
 from simulations.simulate import SimulationRequest, run_simulation
 from simulations.sites import find_site_folders
@@ -39,6 +40,20 @@ def test_la_mri_volumes_load_as_3d_nifti() -> None:
     case = load_case(refs[0], in_channels=1, num_classes=2, spatial_dims=3)
     assert case.image.ndim == 4 and case.image.shape[1:] == case.label.shape
     assert case.source.spacing == pytest.approx((0.625, 0.625, 0.625))
+
+
+def test_plans_for_radiographs_and_mri_volumes_differ_as_their_data(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Lungs on radiographs: whole images at 256 px. The left atrium in MRI (26 voxels
+    # thick at 0.625 mm): each volume halved on every axis, in patches.
+    assert main(["plan", "--data", str(real_data("chest-xray"))]) == 0
+    chest = capsys.readouterr().out
+    assert "resize = '256,256'" in chest and "downsample = 'none'" in chest
+    assert "patch-size = '256,256'" in chest
+    assert main(["plan", "--data", str(real_data("la-mri"))]) == 0
+    atrium = capsys.readouterr().out
+    assert "resize = 'none'" in atrium and "downsample = '2,2,2'" in atrium
+    assert "patch-size = '56,64,40'" in atrium and "batch-size = 2" in atrium
 
 
 def test_retina_federation_through_flower(tmp_path: Path) -> None:
