@@ -56,6 +56,7 @@ from shared.partition import ADAPTATIONS
 from shared.personalization import FINETUNE_ROUNDS, PERSONALIZATIONS
 from shared.planning import Plan
 from shared.run_files import RunFiles
+from shared.settings import to_keys
 from shared.weights import NDArrays
 from simulations.cross_site import Predictor, cross_site_matrix
 from simulations.phantoms import write_synthetic_federation
@@ -553,6 +554,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _parsed(values: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Return a run config as parsed (``None``: not one).
+
+    A report written before a key was added (it has its default) still matches.
+    """
+    try:
+        return to_keys(RunConfig.from_user_config(values))
+    except ConfigError:
+        return None
+
+
 def finished_runs(path: Path, values: Mapping[str, Any], sites: Sequence[str],
                   methods: Sequence[str]) -> dict[str, list[MethodRun]]:
     """Return the runs of ``methods`` that an earlier report at ``path`` holds.
@@ -568,7 +580,7 @@ def finished_runs(path: Path, values: Mapping[str, Any], sites: Sequence[str],
     """
     try:
         report = json.loads(path.read_text())
-        same = report["sites"] == list(sites) and report["run_config"] == dict(values)
+        same = report["sites"] == list(sites) and _parsed(report["run_config"]) == _parsed(values)
         kept = {m: [MethodRun([{k: math.nan if v is None else float(v) for k, v in r.items()}
                                for r in run["per_round"]], dict(run["steps"]),
                               dict(run["cross_site"]), float(run["wall_s"]))

@@ -45,10 +45,12 @@ from simulations.starting import DEFAULTS
 #: real data it resembles (tests/test_pretrain.py checks the planner agrees).
 PRESETS: dict[str, dict[str, Any]] = {
     # chest-xray: 512x512 radiographs, thick structures -> the whole image at 256 px.
-    "lung": {"in-channels": 1, "resize": "256,256", "patch-size": "256,256",
+    "lung": {"in-channels": 1, "resize": "256,256", "downsample": "none",
+             "patch-size": "256,256",
              "channels": "16,32,64,128,256", "normalization": "zscore"},
     # retina: RGB fundus photographs with a dark frame, thin vessels -> native 96 px patches.
-    "vessel": {"in-channels": 3, "resize": "none", "patch-size": "96,96",
+    "vessel": {"in-channels": 3, "resize": "none", "downsample": "none",
+               "patch-size": "96,96",
                "channels": "16,32,64,128", "normalization": "zscore-fov"},
 }
 

@@ -219,7 +219,12 @@ def load_personal_model(state_dir: Path, spec: ModelSpec,
         return None
     path = state_dir / FILE_NAME
     mode, model, personal = saved
-    if model != spec.to_config():
+    try:
+        # Parsed, so a file from before a model key was added (its default) still fits.
+        same = ModelSpec.from_config(model) == spec
+    except ConfigError:
+        same = False
+    if not same:
         raise DataError(path, f"holds a personal model ({mode}) of other model settings than "
                         "this run's", _FIX)
     if {k: tuple(v.shape) for k, v in personal.weights.items()} != dict(expected):

@@ -259,9 +259,11 @@ def resumed_config(run_dir: Path, saved: Mapping[str, Any],
     # Parsed, so "FedAdam" and "fedadam" or 8 and 8.0 compare equal; a bad value or
     # an unknown key gets the usual run-config error.
     wanted = settings.to_keys(RunConfig.from_user_config({**saved, **explicit}))
-    changed = [k for k in sorted(explicit) if k != EXTENDABLE and wanted[k] != saved.get(k)]
+    # A key added since the run started has its default there.
+    before = settings.to_keys(RunConfig.from_user_config(saved))
+    changed = [k for k in sorted(explicit) if k != EXTENDABLE and wanted[k] != before[k]]
     if changed:
-        shown = ", ".join(f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in changed)
+        shown = ", ".join(f"{k} {before[k]!r} -> {wanted[k]!r}" for k in changed)
         raise ResumeError(run_dir, f"the run config changes {shown}, but a resumed run keeps "
                           "the settings it started with", "remove those keys from the run "
                           "config (only num-server-rounds may change, to extend the run)")

@@ -197,6 +197,12 @@ def test_resume_keeps_the_finished_seeds_and_runs_the_rest(
     assert report["seeds"] == [0, 1, 2]
     assert [r["per_round"][0]["site-a"] for r in report["runs"]["local-only"]] == [
         0.5, 0.6, 0.7]
+    # A report written before a run-config key existed (its default) is resumed.
+    older = json.loads((out / "federation.json").read_text())
+    del older["run_config"]["downsample"]
+    (out / "federation.json").write_text(json.dumps(older))
+    assert main([*args, "--seeds", "3", "--resume"]) == 0
+    assert trained == [0, 1, 2]
     # Another run config is not resumed: its kept runs would have had another budget.
     with pytest.raises(SystemExit):
         main([*args, "--seeds", "3", "--resume", "--run-config", "learning-rate=0.01"])

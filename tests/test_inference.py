@@ -18,6 +18,7 @@ from client.inference import (
     predict_logits,
     predict_probabilities,
 )
+from client.preprocess import resize_image, resize_logits
 from shared.config import ModelSpec
 from shared.networks import build_network
 
@@ -97,6 +98,12 @@ def test_a_downsampled_model_sees_each_image_shrunk_and_answers_at_full_size() -
         assert logits.shape == (1, 2, *shape)
         np.testing.assert_allclose(logits[0, 0].numpy(), 3.0, atol=1e-5)
         assert net.windows == count_windows(work, tiling) < count_windows(shape, tiling)
+    # On a ramp: exactly the shrunk image's logits, resampled back to the image's size.
+    ramp = np.arange(32 * 30 * 8, dtype=np.float32).reshape(1, 32, 30, 8) / 1000
+    logits = predict_logits(Pointwise(), ramp, tiling, CPU)
+    shrunk = torch.from_numpy(resize_image(ramp, (16, 15, 8)))[None]
+    expected = resize_logits(torch.cat([shrunk, -shrunk], dim=1), (32, 30, 8))
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
 def test_windows_per_batch_follows_the_voxel_budget() -> None:

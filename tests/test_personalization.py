@@ -349,6 +349,12 @@ def test_personal_model_file_round_trip_and_refusals(tmp_path: Path) -> None:
     other = ModelSpec(channels=(8, 16), patch_size=(16, 16), personalization="finetune")
     with pytest.raises(DataError, match="other model settings than this run's; move it aside"):
         load_personal_model(tmp_path, other, shapes)
+    # A file written before a model key existed (here downsample) fits with its default.
+    payload = torch.load(tmp_path / FILE_NAME, weights_only=True)
+    older = {k: v for k, v in payload["model"].items() if k != "model-downsample"}
+    assert older != payload["model"]
+    torch.save({**payload, "model": older}, tmp_path / FILE_NAME)
+    assert load_personal_model(tmp_path, spec, shapes) is not None
     # fedseg site check reads it as a round would.
     assert check_state_dir(tmp_path, 1e-5, "rdp")[2] == "personal model ok: ditto, round 3"
     (tmp_path / FILE_NAME).write_bytes(b"not a checkpoint")

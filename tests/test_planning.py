@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from client.fingerprint import case_statistics, site_fingerprint
+from server.config import RunConfig
 from shared.planning import (
     FINGERPRINT_KEYS,
     Fingerprint,
@@ -105,6 +106,15 @@ def test_thick_structures_in_volumes_shrink_each_case_by_whole_factors() -> None
              thickness=60.0)
     assert make_plan([ct]).downsample == (4, 4, 1)
     assert make_plan([replace(ct, spacing=(0.7, 0.7, 1.4))]).downsample == (4, 4, 2)
+    # The user's own resampling replaces the plan's, whichever key it is set by.
+    mine = {"resize": "96,72,40", "downsample": "auto", "patch-size": "64,64,40"}
+    assert plan.to_run_config(mine)["downsample"] == "none"
+    model = RunConfig.from_user_config(mine, plan.to_run_config(mine)).model
+    assert (model.resize, model.downsample) == ((96, 72, 40), ())
+    chest = make_plan([_fp()])
+    assert chest.to_run_config({"downsample": "2,2"})["resize"] == "none"
+    # Turning one off leaves the plan's other.
+    assert plan.to_run_config({"resize": "none"})["downsample"] == "2,2,2"
     # A volume that fits in one patch needs no shrinking; nor does a 2D image without a
     # spacing (it is resized whole instead, see above).
     assert make_plan([replace(atrium, shape=(48, 48, 40))]).downsample == ()

@@ -214,6 +214,18 @@ def test_finished_run_is_refused_unless_extended(tmp_path: Path) -> None:
     assert point.state.server_round == 2
 
 
+def test_a_run_saved_before_a_key_was_added_resumes_with_its_default(tmp_path: Path) -> None:
+    folder = RunFolder(saved_run(tmp_path, rounds=2))
+    payload = torch.load(folder.resume_state, weights_only=True)
+    del payload["run-config"]["downsample"]  # as a run folder of an earlier fedseg has it
+    torch.save(payload, folder.resume_state)
+    point = resume_point({"resume-from": str(tmp_path), "num-server-rounds": 3,
+                          "downsample": "none"})
+    assert point is not None and point.config.model.downsample == ()
+    assert "downsample 'none' -> '2,2'" in refusal(
+        {"resume-from": str(tmp_path), "num-server-rounds": 3, "downsample": "2,2"})
+
+
 def test_changing_a_saved_setting_is_refused(tmp_path: Path) -> None:
     saved_run(tmp_path, rounds=3, **{"channels": "8,16"})
     assert refusal({"resume-from": str(tmp_path), "channels": "16,32", "strategy": "fedprox",
