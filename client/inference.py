@@ -19,8 +19,9 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from client.preprocess import resize_image, resize_logits
-from shared.config import ModelSpec, working_size
+from shared.config import ModelSpec
 from shared.errors import ConfigError
+from shared.planning import working_size
 
 # How windows are blended where they overlap: a Gaussian weight hides seams.
 BLEND_MODE = "gaussian"

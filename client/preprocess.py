@@ -56,7 +56,7 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 PREPARED = 0
 # The code a prepared case depends on: a change to any of them prepares cases again.
 _CODE = ("client.imaging", "client.transforms", "client.data_contract",
-         "shared.normalization", "shared.config", __name__)  # shared.config: working_size
+         "shared.normalization", "shared.planning", __name__)  # planning: working_size
 
 
 def prepared_case(ref: CaseRef, spec: ModelSpec, cache: Path | None, *,

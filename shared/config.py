@@ -24,6 +24,7 @@ from shared.networks import NETWORKS, NORMS
 from shared.normalization import NORMALIZATIONS
 from shared.partition import ADAPTATIONS
 from shared.personalization import FINETUNE_ROUNDS, FINETUNE_SCOPES, PERSONALIZATIONS
+from shared.planning import working_size
 from shared.schedule import SCHEDULES
 from shared.settings import (
     ROUND_CONFIG,
@@ -45,32 +46,6 @@ from shared.weights import TRANSFER_DTYPES
 
 def _csv(values: tuple[int, ...]) -> str:
     return ",".join(str(v) for v in values)
-
-
-def working_size(shape: Sequence[int], resize: Sequence[int],
-                 downsample: Sequence[int]) -> tuple[int, ...]:
-    """Return the size a case of ``shape`` is resampled to for the network.
-
-    Parameters
-    ----------
-    shape : sequence of int
-        The case's own spatial size.
-    resize : sequence of int
-        A fixed size for every case (``()``: none).
-    downsample : sequence of int
-        Whole factors per axis (``()``: none); a side shrinks to ``ceil(side /
-        factor)``, so no side becomes 0.
-
-    Returns
-    -------
-    tuple of int
-        ``resize`` when set, else the downsampled shape, else ``()`` (the case's own).
-    """
-    if resize:
-        return tuple(resize)
-    if downsample:
-        return tuple(-(-int(side) // int(f)) for side, f in zip(shape, downsample, strict=True))
-    return ()
 
 
 @dataclass(frozen=True)

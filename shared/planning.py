@@ -451,6 +451,32 @@ def _levels(patch: Sequence[int], rules: PlannerRules, dims: int) -> int:
     return max(2, min(rules.max_levels, downs + 1))
 
 
+def working_size(shape: Sequence[int], resize: Sequence[int],
+                 downsample: Sequence[int]) -> tuple[int, ...]:
+    """Return the size a case of ``shape`` is resampled to for the network.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The case's own spatial size.
+    resize : sequence of int
+        A fixed size for every case (``()``: none).
+    downsample : sequence of int
+        Whole factors per axis (``()``: none); a side shrinks to ``ceil(side /
+        factor)``, so no side becomes 0.
+
+    Returns
+    -------
+    tuple of int
+        ``resize`` when set, else the downsampled shape, else ``()`` (the case's own).
+    """
+    if resize:
+        return tuple(resize)
+    if downsample:
+        return tuple(-(-int(side) // int(f)) for side, f in zip(shape, downsample, strict=True))
+    return ()
+
+
 def _downsample_factors(fp: Fingerprint, rules: PlannerRules) -> tuple[int, ...]:
     """Whole factors per axis that keep structures about ``min_thickness`` thick.
 
@@ -526,7 +552,7 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
         # not. Left atrium MRI, one site alone, 2190 steps, 3 seeds: 0.503 native,
         # 0.887 with each volume halved.
         downsample = _downsample_factors(fp, rules)
-        work_shape = [-(-s // d) for s, d in zip(fp.shape, downsample, strict=True)]
+        work_shape = list(working_size(fp.shape, (), downsample))
         reasons.append(f"structures are {fp.thickness:.0f} voxels thick: shrink every case by "
                        f"{'x'.join(map(str, downsample))} (median "
                        f"{'x'.join(map(str, work_shape))}); Dice is still measured at full "

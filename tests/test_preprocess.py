@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from client.preprocess import resize_image, resize_label, resize_logits
-from shared.config import ModelSpec, working_size
+from shared.config import ModelSpec
 from shared.normalization import dark_mask, normalize
+from shared.planning import working_size
 
 
 def _fundus() -> np.ndarray:
