@@ -524,8 +524,9 @@ def read_raw_case(ref: CaseRef, cache: Path | None = None
                   ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """Return a case as stored, for statistics: raw ``(C, *spatial)`` image, mask, spacing.
 
-    Nothing is normalised or resampled; an alpha channel is dropped. The mask is
-    ``label > 0`` of the label's single channel. Used by the data fingerprint.
+    Nothing is normalised or resampled; an alpha channel is dropped. The label is
+    its single channel with the values as stored (class codes, 0/255 or a soft
+    mask). Used by the data fingerprint.
     ``cache`` is a site's disk cache of decoded files (see :func:`~client.imaging.read_image`).
 
     Raises
@@ -541,7 +542,7 @@ def read_raw_case(ref: CaseRef, cache: Path | None = None
                                     ref.label)
     if label.shape != raw.shape[1:]:
         raise _shape_mismatch(ref, label.shape, raw.shape[1:])
-    return raw, np.asarray(label > 0), tuple(float(v) for v in source.spacing[:rank])
+    return raw, np.asarray(label), tuple(float(v) for v in source.spacing[:rank])
 
 
 def site_split(site_dir: Path, patient_pattern: str, val_fraction: float

@@ -28,7 +28,7 @@ def case_statistics(raw: np.ndarray, label: np.ndarray) -> dict[str, float]:
     raw : numpy.ndarray
         ``(C, *spatial)`` image intensities as stored (before normalisation).
     label : numpy.ndarray
-        ``(*spatial)`` class indices.
+        ``(*spatial)`` label as stored; every value above 0 is foreground.
 
     Returns
     -------
@@ -52,6 +52,35 @@ def case_statistics(raw: np.ndarray, label: np.ndarray) -> dict[str, float]:
     return stats
 
 
+#: More distinct values than this are grey levels of a mask, not class codes
+#: (``fedseg site check`` calls 16 or more a soft mask).
+MAX_CLASS_CODES = 15
+
+
+def label_classes(values: np.ndarray) -> int:
+    """Return the classes, background included, that a site's label values code.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        The distinct values of every training label of the site, as stored.
+
+    Returns
+    -------
+    int
+        ``K`` when the values are exactly the class codes ``0 .. K-1`` with
+        ``3 <= K <= MAX_CLASS_CODES`` (Decathlon's convention for several
+        structures); 2 otherwise: ``{0, 1}``, ``{0, 255}``, a soft or
+        anti-aliased mask, or codes with gaps such as ``{0, 3, 7}``, which
+        training merges into one foreground and ``fedseg site check`` points out.
+    """
+    codes = np.unique(np.asarray(values, dtype=np.float64))
+    if not 3 <= codes.size <= MAX_CLASS_CODES \
+            or not np.array_equal(codes, np.arange(codes.size, dtype=np.float64)):
+        return 2
+    return int(codes.size)
+
+
 def site_fingerprint(cases: Sequence[tuple[np.ndarray, np.ndarray, tuple[float, ...]]],
                      has_spacing: bool) -> Fingerprint:
     """Summarise a site's training cases as medians, coarsened.
@@ -59,7 +88,7 @@ def site_fingerprint(cases: Sequence[tuple[np.ndarray, np.ndarray, tuple[float, 
     Parameters
     ----------
     cases : sequence of (raw image, label, spacing)
-        Channel-first raw images, their class maps and voxel spacings.
+        Channel-first raw images, their labels as stored and voxel spacings.
     has_spacing : bool
         Whether the files carry a physical spacing (NIfTI) or not.
 
@@ -67,7 +96,8 @@ def site_fingerprint(cases: Sequence[tuple[np.ndarray, np.ndarray, tuple[float, 
     -------
     Fingerprint
         Only aggregate numbers: sizes rounded to multiples of 8, fractions to two
-        decimals, thickness to one decimal.
+        decimals, thickness to one decimal, and the number of classes the labels
+        code together (:func:`label_classes`).
     """
     if not cases:
         raise ValueError("a fingerprint needs at least one case")
@@ -90,6 +120,8 @@ def site_fingerprint(cases: Sequence[tuple[np.ndarray, np.ndarray, tuple[float, 
         dark_fraction=round(median("dark"), 2),
         fg_intensity=(_two_digits(median("fg_low")), _two_digits(median("fg_mid")),
                       _two_digits(median("fg_high"))),
+        classes=label_classes(np.unique(np.concatenate(
+            [np.unique(label) for _, label, _ in cases]))),
     )
 
 

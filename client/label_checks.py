@@ -82,6 +82,6 @@ def binary_values_problem(values: np.ndarray, num_classes: int) -> str:
     classes = len(found | {0})
     return (f"label values {format_values(values)} are not a binary mask ({{0,1}} or "
             f"{{0,255}}) and num-classes 2 would merge every non-zero value into one "
-            f"foreground; if they are {classes} classes remap them to 0..{classes - 1} and set "
-            f"num-classes {classes} (or set num-classes {int(high) + 1} to keep the values), "
-            "if all are foreground remap every non-zero value to 1")
+            f"foreground; if they are {classes} classes remap them to 0..{classes - 1} (the "
+            f"planner then plans num-classes {classes}; or set num-classes {int(high) + 1} to "
+            "keep the values), if all are foreground remap every non-zero value to 1")

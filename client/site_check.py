@@ -8,11 +8,15 @@ exactly as a training round would.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from client.config import SiteConfig
-from client.data_contract import discover_cases, load_case, split_cases
+from client.data_contract import CaseRef, discover_cases, load_case, split_cases
+from client.fingerprint import label_classes
 from client.imaging import read_image
 from client.label_checks import binary_values_problem, format_values, label_values
 from shared.errors import DataError, FedsegError
@@ -38,9 +42,12 @@ def check_site(data: Path, in_channels: int, num_classes: int, spatial_dims: int
 
     Each case goes through the trainer's ``load_case`` (which refuses what would
     silently corrupt training) and then :mod:`client.label_checks` (label values
-    a binary task would merge).
+    a binary task would merge). ``num_classes`` 0 counts the classes as the
+    planner would from the labels' codes (:func:`client.fingerprint.label_classes`).
     """
     refs = discover_cases(data, patient_pattern)
+    if num_classes == 0:
+        num_classes = planned_classes(refs, spatial_dims)
     try:
         _, val = split_cases(refs, val_fraction)
         val_ids = {r.case_id for r in val}
@@ -62,6 +69,15 @@ def check_site(data: Path, in_channels: int, num_classes: int, spatial_dims: int
             reports.append(CaseReport(ref.case_id, ref.patient_id, split, "-", "-", "-",
                                       str(exc)))
     return reports
+
+
+def planned_classes(refs: list[CaseRef], spatial_dims: int) -> int:
+    """Return the classes the planner would give labels of these cases (2 if none reads)."""
+    codes: list[np.ndarray] = []
+    for ref in refs:
+        with contextlib.suppress(DataError):  # check_site reports that case's problem
+            codes.append(label_values(read_image(ref.label), spatial_dims, ref.label))
+    return label_classes(np.concatenate(codes)) if codes else 2
 
 
 def format_reports(reports: list[CaseReport]) -> list[str]:

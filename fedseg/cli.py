@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(privacy ledger, local layers)")
     check.add_argument("--in-channels", type=int, default=0,
                        help="channels the model expects (default: as the images are)")
-    check.add_argument("--num-classes", type=int, default=2)
+    check.add_argument("--num-classes", type=int, default=0,
+                       help="classes including background (default: as the planner counts "
+                            "them from the labels: codes 0..K-1 give K, anything else 2)")
     check.add_argument("--dims", type=int, choices=(2, 3), default=0,
                        help="2D or 3D (default: from the first image)")
     check.add_argument("--val-fraction", type=float, default=0.2)

@@ -69,8 +69,9 @@ class ModelSpec:
         planned=True)
     in_channels: int = integer("in-channels", 1, "image channels (1 grey, 3 RGB)", minimum=1,
                                wire="model-in-channels", wire_required=True, planned=True)
-    num_classes: int = integer("num-classes", 2, "classes including background", minimum=2,
-                               wire="model-num-classes", wire_required=True)
+    num_classes: int = integer("num-classes", 2, "classes including background (2 merges "
+                               "every label value above 0 into one foreground)", minimum=2,
+                               wire="model-num-classes", wire_required=True, planned=True)
     patch_size: tuple[int, ...] = integers(
         "patch-size", (64, 64), "training patch and sliding-window size; 3 values for 3D",
         wire="model-patch-size", wire_required=True, planned=True)

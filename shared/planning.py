@@ -31,7 +31,7 @@ FINGERPRINT_KEYS: tuple[str, ...] = (
     "fp-spacing-0", "fp-spacing-1", "fp-spacing-2",
     "fp-foreground-fraction", "fp-thickness", "fp-dark-fraction",
     "fp-fg-intensity-low", "fp-fg-intensity-median", "fp-fg-intensity-high",
-    "fp-dp-patients",
+    "fp-dp-patients", "fp-classes",
 )
 # Intensities may be negative (CT in Hounsfield units, z-scored MRI); nothing else may.
 _SIGNED = frozenset({"fp-fg-intensity-low", "fp-fg-intensity-median", "fp-fg-intensity-high"})
@@ -73,6 +73,10 @@ class Fingerprint:
         Patients in the training split when the site trains under DP-SGD, 0 when it
         does not: the privacy units its noise is calibrated over, which the plan
         needs to keep that noise small enough to learn.
+    classes : int
+        Classes, background included, that the site's labels code: ``K`` for the
+        codes ``0 .. K-1`` of several structures, 2 for one foreground (any value
+        above 0).
     """
 
     num_cases: int
@@ -86,6 +90,7 @@ class Fingerprint:
     dark_fraction: float
     fg_intensity: tuple[float, float, float] = (0.0, 0.0, 0.0)
     dp_patients: int = 0
+    classes: int = 2
 
     def to_record(self) -> dict[str, int | float]:
         """Flatten into the numbers of a fingerprint message (unused axes are 0)."""
@@ -94,7 +99,7 @@ class Fingerprint:
         values: tuple[int | float, ...] = (
             self.num_cases, self.spatial_dims, self.channels, int(self.has_spacing),
             *shape, *spacing, self.foreground_fraction, self.thickness, self.dark_fraction,
-            *self.fg_intensity, self.dp_patients,
+            *self.fg_intensity, self.dp_patients, self.classes,
         )
         return dict(zip(FINGERPRINT_KEYS, values, strict=True))
 
@@ -118,6 +123,10 @@ class Fingerprint:
         if dims not in (2, 3):
             raise PlanningError(f"{source}: fingerprint says {dims}D images; only 2D and 3D "
                                 "are supported")
+        if nums["fp-classes"] < 2 or nums["fp-classes"] != int(nums["fp-classes"]):
+            raise PlanningError(f"{source}: fingerprint value 'fp-classes' is "
+                                f"{values['fp-classes']!r}, expected a whole number >= 2; "
+                                "every site must run the same fedseg version")
         return cls(
             num_cases=int(nums["fp-num-cases"]), spatial_dims=dims,
             channels=int(nums["fp-channels"]),
@@ -128,7 +137,7 @@ class Fingerprint:
             thickness=nums["fp-thickness"], dark_fraction=nums["fp-dark-fraction"],
             fg_intensity=(nums["fp-fg-intensity-low"], nums["fp-fg-intensity-median"],
                           nums["fp-fg-intensity-high"]),
-            dp_patients=int(nums["fp-dp-patients"]),
+            dp_patients=int(nums["fp-dp-patients"]), classes=int(nums["fp-classes"]),
         )
 
 
@@ -284,6 +293,8 @@ class Plan:
         Whole factors per axis every case is shrunk by (``()``: none); planned
         for thick structures in volumes with a physical spacing, where ``resize``
         is not.
+    num_classes : int
+        Output classes, background included: the most any site's labels code.
     reasons : tuple of str
         One line per decision, printed by ``fedseg plan``.
     """
@@ -302,6 +313,7 @@ class Plan:
     personalization: str = "none"
     site_weighting: str = "cases"
     downsample: tuple[int, ...] = ()
+    num_classes: int = 2
     reasons: tuple[str, ...] = ()
 
     @property
@@ -360,6 +372,7 @@ class Plan:
             resize = "none"
         return {
             "in-channels": self.in_channels,
+            "num-classes": self.num_classes,
             "resize": resize,
             "downsample": downsample,
             "patch-size": _csv(self.patch_size),
@@ -401,7 +414,8 @@ def combine(fingerprints: Sequence[Fingerprint]) -> Fingerprint:
     """Merge the sites' fingerprints, each weighted by its number of cases.
 
     ``dp_patients`` of the result is the smallest positive one (0 when no site
-    trains under DP).
+    trains under DP); ``classes`` the largest, since a site may lack a structure
+    that another's labels hold.
 
     Raises
     ------
@@ -438,6 +452,7 @@ def combine(fingerprints: Sequence[Fingerprint]) -> Fingerprint:
                       mean([fp.fg_intensity[2] for fp in fingerprints])),
         # The smallest private site: its noise is the largest for a given batch.
         dp_patients=min((fp.dp_patients for fp in fingerprints if fp.dp_patients), default=0),
+        classes=max(fp.classes for fp in fingerprints),
     )
 
 
@@ -524,6 +539,9 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
     reasons: list[str] = [f"{len(fingerprints)} site(s), {fp.num_cases} training cases, "
                           f"{dims}D, {fp.channels} channel(s), median size "
                           f"{'x'.join(map(str, fp.shape))}"]
+    if fp.classes > 2:
+        reasons.append(f"labels code {fp.classes - 1} structures (values 0 to "
+                       f"{fp.classes - 1}): one output per class, Dice averaged over them")
     private = sum(1 for f in fingerprints if f.dp_patients)
     if private:
         rules = rules.under_dp()
@@ -643,5 +661,5 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
         num_server_rounds=rounds, normalization=normalization,
         learning_rate=rules.learning_rate, personalization=personalization,
         site_weighting=site_weighting, budget_rounds=budget_rounds, downsample=downsample,
-        reasons=tuple(reasons),
+        num_classes=fp.classes, reasons=tuple(reasons),
     )

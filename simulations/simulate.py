@@ -34,7 +34,8 @@ from simulations.sites import check_site_settings, find_site_folders, probe_layo
 # Settings that make the built-in synthetic task converge in a few minutes on 2 CPUs;
 # every planned key is set, so the synthetic run needs no planning round. Real data
 # (--data) is planned from the sites' fingerprints instead.
-_SYNTHETIC: dict[str, Any] = {"in-channels": 1, "resize": "none", "downsample": "none",
+_SYNTHETIC: dict[str, Any] = {"in-channels": 1, "num-classes": 2, "resize": "none",
+                              "downsample": "none",
                               "normalization": "zscore",
                               "lr-schedule": "constant", "learning-rate": 0.003,
                               "personalization": "none", "finetune-steps": 0,

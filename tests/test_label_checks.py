@@ -170,13 +170,24 @@ def test_unexpected_label_values_are_named_with_the_mapping(
     label[20:30, 20:30] = 7
     Image.fromarray(label).save(site / "labelsTr" / "c1.png")
     flagged(site, capsys, "c1", "0,3,7", "label values 0,3,7 are not a binary mask",
-            "remap them to 0..2 and set num-classes 3", "num-classes 8",
+            "remap them to 0..2 (the planner then plans num-classes 3", "num-classes 8",
             "remap every non-zero value to 1")
     # Training keeps the documented merge (any non-zero value is foreground).
     (ref,) = [r for r in discover_cases(site) if r.case_id == "c1"]
     assert set(np.unique(load_case(ref, 1, 2, 2).label)) == {0, 1}
     _, out, _ = check(site, capsys, "--num-classes", "8")
     assert case_line(out, "c1").endswith(" ok")
+    # Remapped to the codes 0..2 (the other cases' 255 to 1), the site's labels are
+    # what the planner counts as 3 classes.
+    label[label == 3], label[label == 7] = 1, 2
+    Image.fromarray(label).save(site / "labelsTr" / "c1.png")
+    for other in ("c0", "c2", "c3"):
+        path = site / "labelsTr" / f"{other}.png"
+        Image.fromarray((np.asarray(Image.open(path)) > 0).astype(np.uint8)).save(path)
+    code, out, _ = check(site, capsys)
+    assert code == 0 and case_line(out, "c1").endswith(" ok")
+    code, out, _ = check(site, capsys, "--num-classes", "2")
+    assert code == 1 and "num-classes 2 would merge" in case_line(out, "c1")
 
 
 def test_case_behind_a_symlink_loop_is_named(tmp_path: Path,

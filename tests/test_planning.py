@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.fingerprint import case_statistics, site_fingerprint
+from client.fingerprint import case_statistics, label_classes, site_fingerprint
 from server.config import RunConfig
 from shared.planning import (
     FINGERPRINT_KEYS,
@@ -32,7 +32,7 @@ def _fp(**kw: object) -> Fingerprint:
 def test_thick_structures_on_large_radiographs_plan_whole_downsampled_images() -> None:
     plan = make_plan([_fp(), _fp(num_cases=300, dark_fraction=0.01)])
     assert plan.to_run_config() == {
-        "in-channels": 1, "resize": "256,256", "downsample": "none",
+        "in-channels": 1, "num-classes": 2, "resize": "256,256", "downsample": "none",
         "patch-size": "256,256",
         "channels": "16,32,64,128,256", "batch-size": 8, "local-steps": 80,
         "num-server-rounds": 9, "normalization": "zscore", "learning-rate": 0.002,
@@ -44,7 +44,7 @@ def test_thick_structures_on_large_radiographs_plan_whole_downsampled_images() -
 def test_thin_structures_keep_native_resolution_in_patches_and_fov_normalisation() -> None:
     plan = make_plan([_fp(channels=3, shape=(584, 568), thickness=6.0, dark_fraction=0.3)])
     assert plan.to_run_config() == {
-        "in-channels": 3, "resize": "none", "downsample": "none",
+        "in-channels": 3, "num-classes": 2, "resize": "none", "downsample": "none",
         "patch-size": "96,96",
         "channels": "16,32,64,128", "batch-size": 8, "local-steps": 150,
         "num-server-rounds": 25, "normalization": "zscore-fov", "learning-rate": 0.002,
@@ -89,7 +89,8 @@ def test_thick_structures_in_volumes_shrink_each_case_by_whole_factors() -> None
                  has_spacing=True, thickness=25.6)
     plan = make_plan([atrium])
     assert plan.to_run_config() == {
-        "in-channels": 1, "resize": "none", "downsample": "2,2,2", "patch-size": "48,64,40",
+        "in-channels": 1, "num-classes": 2, "resize": "none", "downsample": "2,2,2",
+        "patch-size": "48,64,40",
         "channels": "8,16,32,64", "batch-size": 2, "local-steps": 142,
         "num-server-rounds": 15, "normalization": "zscore", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "finetune", "finetune-steps": 426,
@@ -135,7 +136,7 @@ def test_small_images_fit_whole_without_resizing() -> None:
 def test_sites_under_dp_get_a_small_network_and_large_batches_of_patients() -> None:
     plan = make_plan([_fp(num_cases=94, dp_patients=94), _fp(num_cases=358)])
     assert plan.to_run_config() == {
-        "in-channels": 1, "resize": "128,128", "downsample": "none",
+        "in-channels": 1, "num-classes": 2, "resize": "128,128", "downsample": "none",
         "patch-size": "128,128",
         "channels": "8,16,32,64", "batch-size": 31, "local-steps": 20,
         "num-server-rounds": 5, "normalization": "zscore", "learning-rate": 0.002,
@@ -164,6 +165,39 @@ def test_combine_weights_sites_by_cases() -> None:
     assert merged.shape == (250, 350)
 
 
+@pytest.mark.parametrize("values,classes", [
+    ([0, 1], 2), ([0, 255], 2), ([0], 2), ([0, 1, 2], 3), ([2, 0, 1, 1], 3),
+    ([0.0, 1.0, 2.0, 3.0], 4), ([0, 3, 7], 2), ([1, 2, 3], 2), ([0, 0.5, 1], 2),
+    (list(range(15)), 15), (list(range(16)), 2), (list(range(256)), 2),
+])
+def test_label_values_give_the_classes_they_code(values: list[float], classes: int) -> None:
+    assert label_classes(np.array(values)) == classes
+
+
+def test_the_plan_has_as_many_classes_as_the_richest_site() -> None:
+    # A site without the second structure in any case still gets its output.
+    plan = make_plan([_fp(classes=3), _fp(classes=2)])
+    assert combine([_fp(classes=3), _fp(classes=2)]).classes == 3
+    assert plan.num_classes == 3
+    assert plan.to_run_config()["num-classes"] == 3
+    assert ("labels code 2 structures (values 0 to 2): one output per class, Dice averaged "
+            "over them") in plan.reasons
+    binary = make_plan([_fp(), _fp()])
+    assert binary.to_run_config()["num-classes"] == 2
+    assert not any("structures (values" in r for r in binary.reasons)
+
+
+def test_a_site_fingerprint_counts_the_classes_its_labels_code() -> None:
+    raw = np.ones((1, 16, 16))
+    one, two = np.zeros((16, 16), dtype=np.uint8), np.zeros((16, 16), dtype=np.uint8)
+    one[2:6, 2:6] = 1
+    two[8:12, 8:12] = 2
+    # Neither case holds every code; the site's labels together do.
+    assert site_fingerprint([(raw, one, (1.0, 1.0)), (raw, two, (1.0, 1.0))],
+                            has_spacing=False).classes == 3
+    assert site_fingerprint([(raw, one * 255, (1.0, 1.0))], has_spacing=False).classes == 2
+
+
 def test_sites_of_different_kinds_are_refused() -> None:
     with pytest.raises(PlanningError, match="sites disagree"):
         combine([_fp(), _fp(channels=3)])
@@ -183,6 +217,10 @@ def test_record_round_trip_and_refusals() -> None:
         Fingerprint.from_record({**record, "fp-thickness": float("nan")}, "site x")
     with pytest.raises(PlanningError, match="'fp-num-cases' is"):
         Fingerprint.from_record({**record, "fp-num-cases": "12"}, "site x")
+    assert Fingerprint.from_record({**record, "fp-classes": 4}, "site x").classes == 4
+    for bad in (1, 2.5):
+        with pytest.raises(PlanningError, match=r"'fp-classes' is .*a whole number >= 2"):
+            Fingerprint.from_record({**record, "fp-classes": bad}, "site x")
 
 
 def test_case_statistics_on_a_strip() -> None:
