@@ -230,6 +230,10 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
         metrics = MetricRecord({
             p.NUM_EXAMPLES: result.num_examples,
             p.VAL_DICE: result.dice if result.num_examples else 0.0,
+            # Each structure's Dice only where there are several: aggregate numbers, as
+            # val-dice is.
+            **({f"{p.VAL_DICE_CLASS}{c}": v for c, v in enumerate(result.per_class, 1)}
+               if len(result.per_class) > 1 else {}),
         })
         content = RecordDict({
             p.METRICS: metrics,

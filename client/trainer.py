@@ -49,7 +49,7 @@ from client.proximal import proximal_term
 from client.site_state import load_local_layers, save_local_layers
 from shared.config import ModelSpec, TrainPlan
 from shared.errors import DataError
-from shared.metrics import case_dice
+from shared.metrics import dice_per_class
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
 from shared.personalization import PERSONALIZATIONS, finetunes_now
@@ -138,6 +138,8 @@ class EvalResult:
     dice: float
     per_case: dict[str, float]
     num_examples: int
+    #: Mean Dice of each foreground class over the cases (one value for a binary task).
+    per_class: tuple[float, ...] = ()
 
 
 class SiteTrainer:
@@ -514,11 +516,15 @@ class SiteTrainer:
             # deployed prediction with its test-time flips (4-8 times the passes).
             tiling = tiling.single_pass()
         per_case: dict[str, float] = {}
+        classes: list[np.ndarray] = []
         for case in self.data.val:
             pred = predict_classes(net, case.image, tiling, self.device)
-            per_case[case.case_id] = case_dice(pred, case.label, self.spec.num_classes)
+            classes.append(dice_per_class(pred, case.label, self.spec.num_classes))
+            per_case[case.case_id] = float(classes[-1].mean())
         dice = float(np.mean(list(per_case.values()))) if per_case else float("nan")
-        return EvalResult(dice=dice, per_case=per_case, num_examples=len(per_case))
+        per_class = tuple(float(v) for v in np.mean(classes, axis=0)) if classes else ()
+        return EvalResult(dice=dice, per_case=per_case, num_examples=len(per_case),
+                          per_class=per_class)
 
     def predict(self, weights: NDArrays, image: np.ndarray) -> np.ndarray:
         """Return the deployed model's class map of one channel-first, normalised image."""

@@ -141,6 +141,15 @@ def _read_reply(entry: SiteRound, msg: Message, phase: str) -> bool:
     if phase != "train":
         entry.num_val_cases = int(_number(metrics, p.NUM_EXAMPLES))
         entry.val_dice = _number(metrics, p.VAL_DICE) if entry.num_val_cases else None
+        classes = sorted(int(k.removeprefix(p.VAL_DICE_CLASS)) for k in metrics
+                         if k.startswith(p.VAL_DICE_CLASS)
+                         and k.removeprefix(p.VAL_DICE_CLASS).isdigit())
+        if entry.num_val_cases and classes:
+            if classes != list(range(1, len(classes) + 1)):
+                raise ValueError(f"per-class Dice for classes {classes}, expected 1 to "
+                                 f"{len(classes)}")
+            entry.val_dice_per_class = [_number(metrics, f"{p.VAL_DICE_CLASS}{c}")
+                                        for c in classes]
         return True
     cases_key = p.TRAIN_CASES if p.TRAIN_CASES in metrics else p.NUM_EXAMPLES
     entry.num_train_cases = int(_number(metrics, cases_key))

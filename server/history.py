@@ -26,6 +26,8 @@ class SiteRound:
     train_steps: int | None = None
     num_val_cases: int | None = None
     val_dice: float | None = None
+    #: Each foreground class's mean Dice, when the labels code several (else None).
+    val_dice_per_class: list[float] | None = None
     epsilon: float | None = None
     delta: float | None = None
     refused: str | None = None
@@ -80,7 +82,8 @@ class RoundRecord:
 
 
 CSV_FIELDS = ["round", "site", "node_id", "num_train_cases", "train_loss", "train_steps",
-              "num_val_cases", "val_dice", "epsilon", "delta", "refused", "error"]
+              "num_val_cases", "val_dice", "val_dice_per_class", "epsilon", "delta", "refused",
+              "error"]
 
 
 @dataclass
@@ -107,6 +110,10 @@ class MetricsHistory:
         for rnd in self.rounds:
             for s in rnd.sites:
                 row = {k: v for k, v in asdict(s).items() if k != "site"}
+                if s.val_dice_per_class is not None:
+                    # One cell: the classes' Dice in class order, space-separated.
+                    row["val_dice_per_class"] = " ".join(f"{v:.6g}" for v in
+                                                         s.val_dice_per_class)
                 writer.writerow({"round": rnd.round, "site": s.site, **row})
         return buf.getvalue()
 

@@ -46,8 +46,10 @@ def format_round(record: RoundRecord, num_rounds: int,
             lines.append(f"  {s.site:<14} val Dice {_num(s.val_dice)}  REFUSED to train: "
                          f"{s.refused}{privacy}")
             continue
+        per_class = ("" if not s.val_dice_per_class else " [by class "
+                     + " / ".join(_num(v) for v in s.val_dice_per_class) + "]")
         lines.append(
-            f"  {s.site:<14} val Dice {_num(s.val_dice)} ({s.num_val_cases or 0} cases)"
+            f"  {s.site:<14} val Dice {_num(s.val_dice)}{per_class} ({s.num_val_cases or 0} cases)"
             f"  train loss {_num(s.train_loss)} ({s.num_train_cases or 0} cases,"
             f" {s.train_steps or 0} steps){privacy}"
         )

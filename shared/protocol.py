@@ -15,6 +15,8 @@ NUM_EXAMPLES = "num-examples"   # training cases (FedAvg weight) or validation c
 TRAIN_LOSS = "train-loss"
 TRAIN_STEPS = "train-steps"
 VAL_DICE = "val-dice"
+# Followed by a class index 1..K-1: each structure's mean Dice, sent when K > 2.
+VAL_DICE_CLASS = "val-dice-class-"
 SITE_NAME = "site-name"
 TRAIN_CASES = "train-cases"     # training cases, also when num-examples is a uniform weight of 1
 

@@ -32,7 +32,7 @@ from tests.conftest import FakeGrid, fingerprint_reply
 
 
 def site(name: str, weights: dict[str, np.ndarray], n_train: int, dice: float,
-         n_val: int = 2, loss: float = 0.5):
+         n_val: int = 2, loss: float = 0.5, eval_extra: dict[str, float] | None = None):
     """Return a responder that answers train with fixed weights and evaluate with ``dice``."""
 
     def respond(msg: Message) -> Message:
@@ -45,7 +45,8 @@ def site(name: str, weights: dict[str, np.ndarray], n_train: int, dice: float,
                 p.SITE: tag,
             }), reply_to=msg)
         return Message(RecordDict({
-            p.METRICS: MetricRecord({p.NUM_EXAMPLES: n_val, p.VAL_DICE: dice}),
+            p.METRICS: MetricRecord({p.NUM_EXAMPLES: n_val, p.VAL_DICE: dice,
+                                     **(eval_extra or {})}),
             p.SITE: tag,
         }), reply_to=msg)
 
@@ -87,6 +88,31 @@ def test_fedavg_is_exact_case_weighted_mean(tmp_path: Path) -> None:
     csv_lines = folder.metrics_csv.read_text().splitlines()
     assert csv_lines[0].startswith("round,site,node_id")
     assert csv_lines[1].startswith("1,a,11,1,0.5,3,2,0.5")
+
+
+def test_each_structures_dice_is_recorded_shown_and_written(tmp_path: Path) -> None:
+    from server.report import format_round
+
+    classes = {f"{p.VAL_DICE_CLASS}1": 0.75, f"{p.VAL_DICE_CLASS}2": 0.25}
+    grid = FakeGrid({
+        11: site("a", initial(), 1, 0.5, eval_extra=classes),
+        22: site("b", initial(), 1, 0.9),
+        # Classes 1 and 3 without 2: a malformed reply, recorded against its site.
+        33: site("c", initial(), 1, 0.5, eval_extra={f"{p.VAL_DICE_CLASS}1": 0.5,
+                                                     f"{p.VAL_DICE_CLASS}3": 0.5}),
+    })
+    folder = RunFolder(tmp_path)
+    state = run_federation(grid, config(**{"num-server-rounds": 1}), initial(), folder,
+                           reporter=_Silent())  # type: ignore[arg-type]
+    a, b, c = state.history.rounds[0].sites
+    assert a.val_dice_per_class == [0.75, 0.25] and b.val_dice_per_class is None
+    assert c.error is not None and "per-class Dice for classes [1, 3]" in c.error
+    assert MetricsHistory.read(folder.metrics_json).rounds[0].sites[0].val_dice_per_class == [
+        0.75, 0.25]
+    row = folder.metrics_csv.read_text().splitlines()[1]
+    assert row.startswith("1,a,11,1,0.5,3,2,0.5,0.75 0.25,")
+    shown = "  a              val Dice 0.500 [by class 0.750 / 0.250] (2 cases)"
+    assert any(line.startswith(shown) for line in format_round(state.history.rounds[0], 1))
 
 
 def test_round_sends_model_and_plan_to_every_site() -> None:

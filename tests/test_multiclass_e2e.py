@@ -64,5 +64,8 @@ def test_a_three_class_federation_trains_three_outputs(tmp_path: Path) -> None:
     last_bias = list(model.weights.values())[-1]
     assert last_bias.shape == (3,)  # one output per class
     history = MetricsHistory.read(outcome.metrics_json)
-    assert all(s.error is None and s.val_dice is not None and 0.0 <= s.val_dice <= 1.0
-               for r in history.rounds for s in r.sites)
+    for site in (s for r in history.rounds for s in r.sites):
+        assert site.error is None and site.val_dice is not None
+        # Each structure's Dice, whose mean is the site's Dice (both average over cases).
+        assert site.val_dice_per_class is not None and len(site.val_dice_per_class) == 2
+        assert np.mean(site.val_dice_per_class) == pytest.approx(site.val_dice)
