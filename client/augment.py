@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, set_track_meta
 from monai.transforms import (
+    ClassesToIndicesd,
     Compose,
     FgBgToIndicesd,
     RandAdjustContrastd,
     RandAffined,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
@@ -46,16 +48,35 @@ warnings.filterwarnings("ignore", message="The image's intensity is a single val
                         category=UserWarning)
 
 
-def _spatial(patch_size: tuple[int, ...], whole_image: bool) -> list[Any]:
+def _indices(num_classes: int) -> Any:
+    """Return the transform that finds the crop centres, run once per case (cached)."""
+    if num_classes > 2:
+        return ClassesToIndicesd("label", num_classes=num_classes)
+    return FgBgToIndicesd("label")
+
+
+def _crop(patch_size: tuple[int, ...], num_classes: int) -> Any:
+    if num_classes > 2:
+        # Centred on each class as often (background included), as nnU-Net
+        # oversamples: a small structure beside a large one is otherwise rarely
+        # seen. A class a case lacks is skipped for that case.
+        return RandCropByLabelClassesd(
+            KEYS, label_key="label", spatial_size=patch_size, ratios=[1] * num_classes,
+            num_classes=num_classes, num_samples=1, indices_key="label_cls_indices",
+            allow_smaller=False, warn=False)
+    # Half the patches centred on foreground: thin vessels and a small atrium
+    # are otherwise rarely seen.
+    return RandCropByPosNegLabeld(
+        KEYS, label_key="label", spatial_size=patch_size, pos=1.0, neg=1.0, num_samples=1,
+        fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices",
+        allow_smaller=False)
+
+
+def _spatial(patch_size: tuple[int, ...], whole_image: bool, num_classes: int) -> list[Any]:
     dims = len(patch_size)
     steps: list[Any] = []
     if not whole_image:
-        # Half the patches centred on foreground: thin vessels and a small atrium
-        # are otherwise rarely seen.
-        steps.append(RandCropByPosNegLabeld(
-            KEYS, label_key="label", spatial_size=patch_size, pos=1.0, neg=1.0, num_samples=1,
-            fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices",
-            allow_smaller=False))
+        steps.append(_crop(patch_size, num_classes))
         steps += [RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(dims)]
         if patch_size[0] == patch_size[1]:
             # A quarter turn swaps the two axes: only a square patch keeps its shape,
@@ -95,16 +116,17 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         (anatomy such as a chest has an up and a down).
     augment : bool
         Spatial and intensity augmentation; off gives plain crops.
+    num_classes : int
+        Classes of the labels: with more than 2, crops centre on each class alike.
     """
 
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                  patch_size: tuple[int, ...], seed: int, whole_image: bool = False,
-                 augment: bool = True) -> None:
+                 augment: bool = True, num_classes: int = 2) -> None:
         prepare = Compose([SpatialPadd(KEYS, spatial_size=patch_size),
-                           *([] if whole_image else
-                             [FgBgToIndicesd("label")])])
-        random = [*_spatial(patch_size, whole_image)] if augment else (
-            [] if whole_image else [_spatial(patch_size, whole_image)[0]])
+                           *([] if whole_image else [_indices(num_classes)])])
+        random = [*_spatial(patch_size, whole_image, num_classes)] if augment else (
+            [] if whole_image else [_crop(patch_size, num_classes)])
         if augment:
             random += _intensity()
         self.random = Compose(random)

@@ -223,7 +223,8 @@ class SiteTrainer:
         if self._dataset is None:
             self._dataset = PatchDataset(
                 [c.image for c in self.data.train], [c.label for c in self.data.train],
-                self.spec.patch_size, seed, whole_image=self.spec.resize == self.spec.patch_size)
+                self.spec.patch_size, seed, whole_image=self.spec.resize == self.spec.patch_size,
+                num_classes=self.spec.num_classes)
         else:
             self._dataset.reseed(seed)
         return self._dataset

@@ -20,3 +20,22 @@ def test_every_patch_has_the_planned_shape(patch: tuple[int, ...]) -> None:
     data = PatchDataset(images, labels, patch, seed=1)
     shapes = {(tuple(data[i % 2][0].shape), tuple(data[i % 2][1].shape)) for i in range(40)}
     assert shapes == {((1, *patch), (1, *patch))}
+
+
+def test_crops_centre_on_every_class_alike_when_labels_code_several() -> None:
+    # A 2x2 second structure beside a large first one: a crop centred on any
+    # foreground would hold it about 4 / 404 of the time; per class, a third of it.
+    image = np.zeros((1, 64, 64), dtype=np.float32)
+    label = np.zeros((64, 64), dtype=np.int64)
+    label[4:24, 4:24] = 1
+    label[50:52, 50:52] = 2
+    patch = (8, 8)
+    several = PatchDataset([image], [label], patch, seed=3, augment=False, num_classes=3)
+    share = np.mean([bool((several[0][1] == 2).any()) for _ in range(300)])
+    assert 0.25 < share < 0.45
+    # One foreground (binary crops, as before): the small square, marked in the
+    # image, is all but missed.
+    small = np.zeros((64, 64), dtype=np.float32)
+    small[50:52, 50:52] = 1.0
+    marked = PatchDataset([small[None]], [np.minimum(label, 1)], patch, seed=3, augment=False)
+    assert np.mean([bool(marked[0][0].sum() > 0) for _ in range(300)]) < 0.1
