@@ -522,7 +522,7 @@ def _shape_mismatch(
 
 def read_raw_case(ref: CaseRef, cache: Path | None = None
                   ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Return a case as stored, for statistics: raw ``(C, *spatial)`` image, mask, spacing.
+    """Return a case as stored, for statistics: raw ``(C, *spatial)`` image, label, spacing.
 
     Nothing is normalised or resampled; an alpha channel is dropped. The label is
     its single channel with the values as stored (class codes, 0/255 or a soft

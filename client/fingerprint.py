@@ -17,7 +17,7 @@ from client.config import SiteConfig
 from client.data_contract import read_raw_case, site_split
 from client.imaging import read_image
 from shared.normalization import dark_mask
-from shared.planning import Fingerprint
+from shared.planning import MAX_CLASS_CODES, Fingerprint
 
 
 def case_statistics(raw: np.ndarray, label: np.ndarray) -> dict[str, float]:
@@ -52,13 +52,8 @@ def case_statistics(raw: np.ndarray, label: np.ndarray) -> dict[str, float]:
     return stats
 
 
-#: More distinct values than this are grey levels of a mask, not class codes
-#: (``fedseg site check`` calls 16 or more a soft mask).
-MAX_CLASS_CODES = 15
-
-
 def label_classes(values: np.ndarray) -> int:
-    """Return the classes, background included, that a site's label values code.
+    """Return what a site's label values code, as :attr:`Fingerprint.classes` says it.
 
     Parameters
     ----------
@@ -69,15 +64,18 @@ def label_classes(values: np.ndarray) -> int:
     -------
     int
         ``K`` when the values are exactly the class codes ``0 .. K-1`` with
-        ``3 <= K <= MAX_CLASS_CODES`` (Decathlon's convention for several
-        structures); 2 otherwise: ``{0, 1}``, ``{0, 255}``, a soft or
-        anti-aliased mask, or codes with gaps such as ``{0, 3, 7}``, which
-        training merges into one foreground and ``fedseg site check`` points out.
+        ``2 <= K <= MAX_CLASS_CODES`` (``{0, 1}``, or Decathlon's convention for
+        several structures); 1 when every label is background only; 0 when the
+        values are no class codes but one foreground by threshold: ``{0, 255}``,
+        a soft or anti-aliased mask, or codes with gaps such as ``{0, 3, 7}``,
+        which training merges and ``fedseg site check`` points out.
     """
     codes = np.unique(np.asarray(values, dtype=np.float64))
-    if not 3 <= codes.size <= MAX_CLASS_CODES \
+    if codes.size == 1 and codes[0] == 0:
+        return 1
+    if not 2 <= codes.size <= MAX_CLASS_CODES \
             or not np.array_equal(codes, np.arange(codes.size, dtype=np.float64)):
-        return 2
+        return 0
     return int(codes.size)
 
 

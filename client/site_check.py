@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from client.config import SiteConfig
-from client.data_contract import CaseRef, discover_cases, load_case, split_cases
+from client.data_contract import discover_cases, load_case, split_cases
 from client.fingerprint import label_classes
 from client.imaging import read_image
 from client.label_checks import binary_values_problem, format_values, label_values
@@ -42,12 +42,9 @@ def check_site(data: Path, in_channels: int, num_classes: int, spatial_dims: int
 
     Each case goes through the trainer's ``load_case`` (which refuses what would
     silently corrupt training) and then :mod:`client.label_checks` (label values
-    a binary task would merge). ``num_classes`` 0 counts the classes as the
-    planner would from the labels' codes (:func:`client.fingerprint.label_classes`).
+    a binary task would merge).
     """
     refs = discover_cases(data, patient_pattern)
-    if num_classes == 0:
-        num_classes = planned_classes(refs, spatial_dims)
     try:
         _, val = split_cases(refs, val_fraction)
         val_ids = {r.case_id for r in val}
@@ -71,13 +68,22 @@ def check_site(data: Path, in_channels: int, num_classes: int, spatial_dims: int
     return reports
 
 
-def planned_classes(refs: list[CaseRef], spatial_dims: int) -> int:
-    """Return the classes the planner would give labels of these cases (2 if none reads)."""
+def planned_classes(data: Path, spatial_dims: int, val_fraction: float = 0.2,
+                    patient_pattern: str = "") -> int:
+    """Return the classes the planner would give this site alone: from its training labels.
+
+    As the site's fingerprint counts them (:func:`client.fingerprint.label_classes`),
+    at least 2. A label that cannot be read is left out: :func:`check_site`
+    reports it.
+    """
+    refs = discover_cases(data, patient_pattern)
+    with contextlib.suppress(DataError):  # too few cases to split: all of them count
+        refs = split_cases(refs, val_fraction)[0]
     codes: list[np.ndarray] = []
     for ref in refs:
-        with contextlib.suppress(DataError):  # check_site reports that case's problem
+        with contextlib.suppress(DataError):
             codes.append(label_values(read_image(ref.label), spatial_dims, ref.label))
-    return label_classes(np.concatenate(codes)) if codes else 2
+    return max(2, label_classes(np.concatenate(codes))) if codes else 2
 
 
 def format_reports(reports: list[CaseReport]) -> list[str]:

@@ -120,7 +120,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _site_check(args: argparse.Namespace) -> int:
-    from client.site_check import check_site, check_state_dir, format_reports, read_site_config
+    from client.site_check import (
+        check_site,
+        check_state_dir,
+        format_reports,
+        planned_classes,
+        read_site_config,
+    )
     from simulations.sites import probe_layout
 
     # The daemon's own node config: check exactly what the SuperNode will use.
@@ -132,7 +138,12 @@ def _site_check(args: argparse.Namespace) -> int:
     else:
         data, val_fraction, pattern = args.data, args.val_fraction, args.patient_pattern
     dims, channels = probe_layout(data)
-    reports = check_site(data, args.in_channels or channels, args.num_classes,
+    classes = args.num_classes
+    if not classes:
+        classes = planned_classes(data, args.dims or dims, val_fraction, pattern)
+        print(f"labels: {classes} classes, background included, as the planner counts this "
+              "site's training labels (--num-classes to check others)")
+    reports = check_site(data, args.in_channels or channels, classes,
                          args.dims or dims, val_fraction, pattern)
     for line in format_reports(reports):
         print(line)

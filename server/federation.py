@@ -135,21 +135,29 @@ def _number(record: Mapping[str, object], key: str) -> float:
     return float(value)
 
 
+def _per_class(metrics: Mapping[str, object]) -> list[float] | None:
+    """Return each class's Dice in class order (``None``: not sent, a binary task)."""
+    classes = sorted(int(k.removeprefix(p.VAL_DICE_CLASS)) for k in metrics
+                     if k.startswith(p.VAL_DICE_CLASS)
+                     and k.removeprefix(p.VAL_DICE_CLASS).isdigit())
+    if not classes:
+        return None
+    if classes != list(range(1, len(classes) + 1)) or len(classes) < 2:
+        raise ValueError(f"'{p.VAL_DICE_CLASS}N' sent for classes {classes}, expected 1 to "
+                         "num-classes - 1; every site must run the same fedseg version")
+    return [_number(metrics, f"{p.VAL_DICE_CLASS}{c}") for c in classes]
+
+
 def _read_reply(entry: SiteRound, msg: Message, phase: str) -> bool:
     """Copy a site's numbers into ``entry``; return whether its update may be aggregated."""
     metrics = msg.content.metric_records[p.METRICS]
     if phase != "train":
-        entry.num_val_cases = int(_number(metrics, p.NUM_EXAMPLES))
-        entry.val_dice = _number(metrics, p.VAL_DICE) if entry.num_val_cases else None
-        classes = sorted(int(k.removeprefix(p.VAL_DICE_CLASS)) for k in metrics
-                         if k.startswith(p.VAL_DICE_CLASS)
-                         and k.removeprefix(p.VAL_DICE_CLASS).isdigit())
-        if entry.num_val_cases and classes:
-            if classes != list(range(1, len(classes) + 1)):
-                raise ValueError(f"per-class Dice for classes {classes}, expected 1 to "
-                                 f"{len(classes)}")
-            entry.val_dice_per_class = [_number(metrics, f"{p.VAL_DICE_CLASS}{c}")
-                                        for c in classes]
+        num_val_cases = int(_number(metrics, p.NUM_EXAMPLES))
+        val_dice = _number(metrics, p.VAL_DICE) if num_val_cases else None
+        per_class = _per_class(metrics) if num_val_cases else None
+        # Stored only when the whole reply reads: a malformed one counts nowhere.
+        entry.num_val_cases, entry.val_dice = num_val_cases, val_dice
+        entry.val_dice_per_class = per_class
         return True
     cases_key = p.TRAIN_CASES if p.TRAIN_CASES in metrics else p.NUM_EXAMPLES
     entry.num_train_cases = int(_number(metrics, cases_key))

@@ -82,8 +82,9 @@ class RoundRecord:
 
 
 CSV_FIELDS = ["round", "site", "node_id", "num_train_cases", "train_loss", "train_steps",
-              "num_val_cases", "val_dice", "val_dice_per_class", "epsilon", "delta", "refused",
-              "error"]
+              "num_val_cases", "val_dice", "epsilon", "delta", "refused", "error",
+              # Added last: a reader of the earlier columns by position is unaffected.
+              "val_dice_per_class"]
 
 
 @dataclass

@@ -33,6 +33,9 @@ FINGERPRINT_KEYS: tuple[str, ...] = (
     "fp-fg-intensity-low", "fp-fg-intensity-median", "fp-fg-intensity-high",
     "fp-dp-patients", "fp-classes",
 )
+#: More distinct label values than this are grey levels of a mask, not class codes
+#: (``fedseg site check`` calls 16 or more a soft mask).
+MAX_CLASS_CODES = 15
 # Intensities may be negative (CT in Hounsfield units, z-scored MRI); nothing else may.
 _SIGNED = frozenset({"fp-fg-intensity-low", "fp-fg-intensity-median", "fp-fg-intensity-high"})
 
@@ -74,9 +77,10 @@ class Fingerprint:
         does not: the privacy units its noise is calibrated over, which the plan
         needs to keep that noise small enough to learn.
     classes : int
-        Classes, background included, that the site's labels code: ``K`` for the
-        codes ``0 .. K-1`` of several structures, 2 for one foreground (any value
-        above 0).
+        What the site's label values code: ``K`` for exactly the class codes
+        ``0 .. K-1`` (2 for ``{0, 1}``), 1 for background only, 0 for one
+        foreground by threshold (``{0, 255}``, a soft mask, codes with gaps),
+        which cannot be read as the codes of several structures.
     """
 
     num_cases: int
@@ -123,10 +127,10 @@ class Fingerprint:
         if dims not in (2, 3):
             raise PlanningError(f"{source}: fingerprint says {dims}D images; only 2D and 3D "
                                 "are supported")
-        if nums["fp-classes"] < 2 or nums["fp-classes"] != int(nums["fp-classes"]):
+        if nums["fp-classes"] > MAX_CLASS_CODES or nums["fp-classes"] != int(nums["fp-classes"]):
             raise PlanningError(f"{source}: fingerprint value 'fp-classes' is "
-                                f"{values['fp-classes']!r}, expected a whole number >= 2; "
-                                "every site must run the same fedseg version")
+                                f"{values['fp-classes']!r}, expected a whole number from 0 to "
+                                f"{MAX_CLASS_CODES}; every site must run the same fedseg version")
         return cls(
             num_cases=int(nums["fp-num-cases"]), spatial_dims=dims,
             channels=int(nums["fp-channels"]),
@@ -295,6 +299,11 @@ class Plan:
         is not.
     num_classes : int
         Output classes, background included: the most any site's labels code.
+    class_conflict : str
+        Why ``num_classes`` cannot serve every site (``""``: it can): some sites'
+        labels code several structures, others' one foreground by threshold.
+        :meth:`to_run_config` refuses with it unless the run config sets
+        ``num-classes``.
     reasons : tuple of str
         One line per decision, printed by ``fedseg plan``.
     """
@@ -314,6 +323,7 @@ class Plan:
     site_weighting: str = "cases"
     downsample: tuple[int, ...] = ()
     num_classes: int = 2
+    class_conflict: str = ""
     reasons: tuple[str, ...] = ()
 
     @property
@@ -359,7 +369,15 @@ class Plan:
         fine-tunes at all). A value that is no integer is left to the run-config
         parser to refuse. A ``resize`` or ``downsample`` the user sets replaces
         the plan's other one, since only one of them may resample the cases.
+
+        Raises
+        ------
+        PlanningError
+            The sites' labels code different things (:attr:`class_conflict`) and
+            ``values`` does not set ``num-classes``.
         """
+        if self.class_conflict and (values or {}).get("num-classes", "auto") == "auto":
+            raise PlanningError(self.class_conflict)
         steps = _user_int(values, "local-steps", self.local_steps)
         rounds = _user_int(values, "num-server-rounds", self.num_server_rounds)
         finetune = self.finetune_rounds(rounds) * steps
@@ -415,7 +433,7 @@ def combine(fingerprints: Sequence[Fingerprint]) -> Fingerprint:
 
     ``dp_patients`` of the result is the smallest positive one (0 when no site
     trains under DP); ``classes`` the largest, since a site may lack a structure
-    that another's labels hold.
+    that another's labels hold (:func:`make_plan` checks that they agree).
 
     Raises
     ------
@@ -539,9 +557,18 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
     reasons: list[str] = [f"{len(fingerprints)} site(s), {fp.num_cases} training cases, "
                           f"{dims}D, {fp.channels} channel(s), median size "
                           f"{'x'.join(map(str, fp.shape))}"]
-    if fp.classes > 2:
-        reasons.append(f"labels code {fp.classes - 1} structures (values 0 to "
-                       f"{fp.classes - 1}): one output per class, Dice averaged over them")
+    num_classes = max(2, fp.classes)
+    thresholded = sum(1 for f in fingerprints if f.classes == 0)
+    class_conflict = ""
+    if num_classes > 2:
+        reasons.append(f"labels code {num_classes - 1} structures (values 0 to "
+                       f"{num_classes - 1}): one output per class, Dice averaged over them")
+    if num_classes > 2 and thresholded:
+        class_conflict = (
+            f"{thresholded} site(s) label one foreground (0/255, a soft mask or codes with "
+            f"gaps) while others code {num_classes} classes (0 to {num_classes - 1}): remap "
+            f"those sites' labels to 0..{num_classes - 1} (or 0/1), or set num-classes in the "
+            "run config (2 merges every structure into one foreground)")
     private = sum(1 for f in fingerprints if f.dp_patients)
     if private:
         rules = rules.under_dp()
@@ -661,5 +688,5 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
         num_server_rounds=rounds, normalization=normalization,
         learning_rate=rules.learning_rate, personalization=personalization,
         site_weighting=site_weighting, budget_rounds=budget_rounds, downsample=downsample,
-        num_classes=fp.classes, reasons=tuple(reasons),
+        num_classes=num_classes, class_conflict=class_conflict, reasons=tuple(reasons),
     )

@@ -42,8 +42,10 @@ class Profile:
 
     def fits(self, fingerprint: Fingerprint) -> bool:
         """Return whether sites with ``fingerprint`` look like this family's data."""
+        # The phantoms have one foreground: a task of several structures has no family.
         return (fingerprint.spatial_dims == self.spatial_dims
                 and fingerprint.channels == self.channels
+                and fingerprint.classes <= 2
                 and self.min_thickness <= fingerprint.thickness <= self.max_thickness)
 
 

@@ -106,11 +106,14 @@ def test_each_structures_dice_is_recorded_shown_and_written(tmp_path: Path) -> N
                            reporter=_Silent())  # type: ignore[arg-type]
     a, b, c = state.history.rounds[0].sites
     assert a.val_dice_per_class == [0.75, 0.25] and b.val_dice_per_class is None
-    assert c.error is not None and "per-class Dice for classes [1, 3]" in c.error
+    assert c.error is not None and "'val-dice-class-N' sent for classes [1, 3]" in c.error
+    # Its Dice counts nowhere: the round's mean is a's and b's.
+    assert c.val_dice is None
+    assert state.history.rounds[0].mean_val_dice == pytest.approx(0.7)
     assert MetricsHistory.read(folder.metrics_json).rounds[0].sites[0].val_dice_per_class == [
         0.75, 0.25]
     row = folder.metrics_csv.read_text().splitlines()[1]
-    assert row.startswith("1,a,11,1,0.5,3,2,0.5,0.75 0.25,")
+    assert row == "1,a,11,1,0.5,3,2,0.5,,,,,0.75 0.25"
     shown = "  a              val Dice 0.500 [by class 0.750 / 0.250] (2 cases)"
     assert any(line.startswith(shown) for line in format_round(state.history.rounds[0], 1))
 

@@ -186,6 +186,7 @@ def test_unexpected_label_values_are_named_with_the_mapping(
         Image.fromarray((np.asarray(Image.open(path)) > 0).astype(np.uint8)).save(path)
     code, out, _ = check(site, capsys)
     assert code == 0 and case_line(out, "c1").endswith(" ok")
+    assert "labels: 3 classes, background included, as the planner counts" in out
     code, out, _ = check(site, capsys, "--num-classes", "2")
     assert code == 1 and "num-classes 2 would merge" in case_line(out, "c1")
 

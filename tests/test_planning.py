@@ -166,9 +166,9 @@ def test_combine_weights_sites_by_cases() -> None:
 
 
 @pytest.mark.parametrize("values,classes", [
-    ([0, 1], 2), ([0, 255], 2), ([0], 2), ([0, 1, 2], 3), ([2, 0, 1, 1], 3),
-    ([0.0, 1.0, 2.0, 3.0], 4), ([0, 3, 7], 2), ([1, 2, 3], 2), ([0, 0.5, 1], 2),
-    (list(range(15)), 15), (list(range(16)), 2), (list(range(256)), 2),
+    ([0, 1], 2), ([0, 255], 0), ([0], 1), ([0, 1, 2], 3), ([2, 0, 1, 1], 3),
+    ([0.0, 1.0, 2.0, 3.0], 4), ([0, 3, 7], 0), ([1, 2, 3], 0), ([0, 0.5, 1], 0),
+    ([1], 0), (list(range(15)), 15), (list(range(16)), 0), (list(range(256)), 0),
 ])
 def test_label_values_give_the_classes_they_code(values: list[float], classes: int) -> None:
     assert label_classes(np.array(values)) == classes
@@ -182,9 +182,25 @@ def test_the_plan_has_as_many_classes_as_the_richest_site() -> None:
     assert plan.to_run_config()["num-classes"] == 3
     assert ("labels code 2 structures (values 0 to 2): one output per class, Dice averaged "
             "over them") in plan.reasons
-    binary = make_plan([_fp(), _fp()])
+    binary = make_plan([_fp(), _fp(classes=0), _fp(classes=1)])
     assert binary.to_run_config()["num-classes"] == 2
     assert not any("structures (values" in r for r in binary.reasons)
+
+
+def test_sites_whose_labels_code_different_things_are_refused_unless_the_user_says() -> None:
+    # One site's 0/255 masks cannot be read as the codes 0..2 of another's.
+    plan = make_plan([_fp(classes=3), _fp(classes=0), _fp(classes=2)])
+    expected = ("1 site(s) label one foreground (0/255, a soft mask or codes with gaps) while "
+                "others code 3 classes (0 to 2): remap those sites' labels to 0..2 (or 0/1), or "
+                "set num-classes in the run config (2 merges every structure into one "
+                "foreground)")
+    assert plan.class_conflict == expected
+    with pytest.raises(PlanningError) as refused:
+        plan.to_run_config()
+    assert str(refused.value) == expected
+    with pytest.raises(PlanningError):
+        plan.to_run_config({"num-classes": "auto"})
+    assert plan.to_run_config({"num-classes": 2})["patch-size"] == "256,256"
 
 
 def test_a_site_fingerprint_counts_the_classes_its_labels_code() -> None:
@@ -195,7 +211,8 @@ def test_a_site_fingerprint_counts_the_classes_its_labels_code() -> None:
     # Neither case holds every code; the site's labels together do.
     assert site_fingerprint([(raw, one, (1.0, 1.0)), (raw, two, (1.0, 1.0))],
                             has_spacing=False).classes == 3
-    assert site_fingerprint([(raw, one * 255, (1.0, 1.0))], has_spacing=False).classes == 2
+    assert site_fingerprint([(raw, one, (1.0, 1.0))], has_spacing=False).classes == 2
+    assert site_fingerprint([(raw, one * 255, (1.0, 1.0))], has_spacing=False).classes == 0
 
 
 def test_sites_of_different_kinds_are_refused() -> None:
@@ -218,9 +235,15 @@ def test_record_round_trip_and_refusals() -> None:
     with pytest.raises(PlanningError, match="'fp-num-cases' is"):
         Fingerprint.from_record({**record, "fp-num-cases": "12"}, "site x")
     assert Fingerprint.from_record({**record, "fp-classes": 4}, "site x").classes == 4
-    for bad in (1, 2.5):
-        with pytest.raises(PlanningError, match=r"'fp-classes' is .*a whole number >= 2"):
+    assert Fingerprint.from_record({**record, "fp-classes": 0}, "site x").classes == 0
+    for bad in (16, 2.5, 100000):
+        with pytest.raises(PlanningError, match=r"'fp-classes' is .*a whole number from 0 to 15"):
             Fingerprint.from_record({**record, "fp-classes": bad}, "site x")
+    # A site of an earlier version, whose fingerprint has no class count.
+    older = {k: v for k, v in record.items() if k != "fp-classes"}
+    with pytest.raises(PlanningError, match=r"misses \['fp-classes'\]; every site must run the "
+                       "same fedseg version"):
+        Fingerprint.from_record(older, "site x")
 
 
 def test_case_statistics_on_a_strip() -> None:

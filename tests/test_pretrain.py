@@ -120,6 +120,8 @@ def test_only_grey_2d_sites_with_thick_structures_fit_the_lung_profile() -> None
     # The combined fingerprint decides: a chest-like federation, a retina-like one.
     assert choose_family([_fp(num_cases=94, dp_patients=94), _fp(num_cases=358)]) == "lung"
     assert choose_family([_fp(channels=3, thickness=7.7, dark_fraction=0.3)]) is None
+    # Lung-like images whose labels code two structures: the phantoms have one foreground.
+    assert choose_family([_fp(num_cases=94, dp_patients=94, classes=3)]) is None
     assert set(PROFILES) <= set(FAMILIES)
 
 
