@@ -520,7 +520,25 @@ def _shape_mismatch(
     )
 
 
-def read_raw_case(ref: CaseRef, cache: Path | None = None
+def declared_channels(site_dir: Path) -> int:
+    """Return how many image channels the site's ``dataset.json`` names (0: none).
+
+    Decathlon's ``"modality"`` and nnU-Net v2's ``"channel_names"`` map each
+    channel's index to its name (``{"0": "T2", "1": "ADC"}``). That declares a 4D
+    NIfTI's 4th axis of as many volumes to be channels (MRI sequences), not time
+    points. A missing or unreadable file names none: :func:`discover_cases`
+    reports what is wrong with it.
+    """
+    path = site_dir / DATASET_JSON
+    try:
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return 0
+    names = data.get("modality", data.get("channel_names")) if isinstance(data, dict) else None
+    return len(names) if isinstance(names, dict) else 0
+
+
+def read_raw_case(ref: CaseRef, cache: Path | None = None, series_channels: int = 0
                   ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """Return a case as stored, for statistics: raw ``(C, *spatial)`` image, label, spacing.
 
@@ -528,6 +546,10 @@ def read_raw_case(ref: CaseRef, cache: Path | None = None
     its single channel with the values as stored (class codes, 0/255 or a soft
     mask). Used by the data fingerprint.
     ``cache`` is a site's disk cache of decoded files (see :func:`~client.imaging.read_image`).
+    A 4D NIfTI's volumes are its channels only when they are ``series_channels``
+    (:func:`declared_channels`); otherwise the first stands for the case, so that
+    the plan does not declare a time series to be channels (the contract then
+    asks for ``in-channels``).
 
     Raises
     ------
@@ -536,7 +558,9 @@ def read_raw_case(ref: CaseRef, cache: Path | None = None
     """
     source = read_image(ref.image, cache)
     rank = _spatial_rank(source)
-    raw = to_channel_first(source.array, rank, ref.image)[:3]
+    raw = to_channel_first(source.array, rank, ref.image)
+    series = source.fmt == "nifti" and source.array.ndim == 4 and source.array.shape[3] > 1
+    raw = (raw if raw.shape[0] == series_channels else raw[:1]) if series else raw[:3]
     label_file = read_image(ref.label, cache)
     label = label_to_single_channel(to_channel_first(label_file.array, rank, ref.label),
                                     ref.label)

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from client.config import SiteConfig
-from client.data_contract import read_raw_case, site_split
+from client.data_contract import declared_channels, read_raw_case, site_split
 from client.imaging import read_image
 from shared.normalization import dark_mask
 from shared.planning import MAX_CLASS_CODES, Fingerprint
@@ -146,7 +146,8 @@ def fingerprint_site(site: SiteConfig, *, disk_cache: bool = True) -> Fingerprin
     """
     train, _ = site_split(site.data_path, site.patient_pattern, site.val_fraction)
     cache = site.cache_dir if disk_cache else None
-    cases = [read_raw_case(ref, cache) for ref in train]
+    series = declared_channels(site.data_path)
+    cases = [read_raw_case(ref, cache, series) for ref in train]
     # Decoded already by read_raw_case: the per-process cache answers.
     has_spacing = read_image(train[0].image, cache).fmt == "nifti"
     fingerprint = site_fingerprint(cases, has_spacing=has_spacing)

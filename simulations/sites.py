@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from client.config import SiteConfig
-from client.data_contract import DATASET_JSON, IMAGES_DIR, discover_cases
+from client.data_contract import DATASET_JSON, IMAGES_DIR, declared_channels, discover_cases
 from client.fingerprint import fingerprint_site
 from client.imaging import read_image
 from shared import settings
@@ -47,9 +47,10 @@ def probe_layout(site: Path, cache: Path | None = None) -> tuple[int, int]:
 
     ``cache`` is the site's disk cache, for a simulation whose sites read it later.
 
-    A NIfTI's 4th axis is never taken for channels here: it may hold time points,
-    and only an explicit ``in-channels`` says they are channels (the data contract
-    refuses the series otherwise, with that fix).
+    A NIfTI's 4th axis is taken for channels only when the site's ``dataset.json``
+    names that many (:func:`client.data_contract.declared_channels`): it may hold
+    time points, and otherwise only an explicit ``in-channels`` says they are
+    channels (the data contract refuses the series, with that fix).
     """
     image = read_image(discover_cases(site)[0].image, cache)
     spatial = image.array.ndim
@@ -57,6 +58,8 @@ def probe_layout(site: Path, cache: Path | None = None) -> tuple[int, int]:
     if image.fmt == "nifti":
         if spatial == 4:
             spatial = 3
+            if image.array.shape[3] == declared_channels(site):
+                channels = image.array.shape[3]
     elif spatial == 3:
         spatial, channels = 2, min(image.array.shape[-1], 3)
     return spatial, channels

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -82,3 +83,77 @@ def test_a_three_class_federation_trains_three_outputs(tmp_path: Path) -> None:
         assert site.error is None and site.val_dice is not None
         assert site.val_dice_per_class is not None and len(site.val_dice_per_class) == 2
         assert all(0.0 <= v <= 1.0 for v in site.val_dice_per_class)
+
+
+def _prostate_like_sites(root: Path, declare: bool, sites: int = 2, cases: int = 6,
+                         side: int = 16) -> Path:
+    """Write sites of 4D NIfTI images (two MRI sequences on the 4th axis) and 0/1/2 labels."""
+    rng = np.random.default_rng(1)
+    zz, yy, xx = np.mgrid[:side, :side, :side]
+    for s in range(sites):
+        site = root / f"site-{s}"
+        (site / "imagesTr").mkdir(parents=True)
+        (site / "labelsTr").mkdir()
+        training = []
+        for c in range(cases):
+            centre = rng.integers(6, side - 6, size=3)
+            distance = np.sqrt((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2
+                               + (xx - centre[2]) ** 2)
+            label = np.where(distance <= 2.5, 2, np.where(distance <= 5.0, 1, 0)).astype(np.uint8)
+            sequences = np.stack([100.0 * (label > 0), 80.0 * (label == 2)], axis=-1)
+            image = (sequences + rng.normal(0.0, 5.0, sequences.shape)).astype(np.float32)
+            nib.save(nib.Nifti1Image(image, np.eye(4)), site / "imagesTr" / f"p{c}.nii.gz")
+            nib.save(nib.Nifti1Image(label, np.eye(4)), site / "labelsTr" / f"p{c}.nii.gz")
+            training.append({"image": f"./imagesTr/p{c}.nii.gz",
+                             "label": f"./labelsTr/p{c}.nii.gz"})
+        meta: dict[str, object] = {"training": training,
+                                   "labels": {"0": "background", "1": "PZ", "2": "TZ"}}
+        if declare:
+            meta["modality"] = {"0": "T2", "1": "ADC"}
+        (site / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_dataset_json_names_the_channels_of_a_4d_series(tmp_path: Path) -> None:
+    from client.data_contract import declared_channels
+
+    site = tmp_path / "site"
+    site.mkdir()
+    assert declared_channels(site) == 0
+    for meta, count in [({"modality": {"0": "FLAIR", "1": "T1w", "2": "T1gd", "3": "T2w"}}, 4),
+                        ({"channel_names": {"0": "T2", "1": "ADC"}}, 2),
+                        ({"modality": "MRI"}, 0), ([1, 2], 0), ({"training": []}, 0)]:
+        (site / "dataset.json").write_text(json.dumps(meta))
+        assert declared_channels(site) == count
+    (site / "dataset.json").write_text("{not json")
+    assert declared_channels(site) == 0
+
+
+@pytest.mark.parametrize("declare,channels", [(True, 2), (False, 1)])
+def test_a_4d_series_is_planned_as_channels_only_where_declared(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], declare: bool, channels: int) -> None:
+    from simulations.sites import probe_layout, site_fingerprints
+
+    data = _prostate_like_sites(tmp_path / "data", declare=declare, sites=1)
+    (fingerprint,) = site_fingerprints([data / "site-0"])
+    assert (fingerprint.channels, fingerprint.classes) == (channels, 3)
+    assert probe_layout(data / "site-0") == (3, channels)
+
+
+@pytest.mark.e2e
+def test_a_decathlon_like_task_of_two_sequences_and_two_structures_needs_no_options(
+        tmp_path: Path) -> None:
+    data = _prostate_like_sites(tmp_path / "data", declare=True)
+    outcome = run_simulation(
+        SimulationRequest(data=data, output=tmp_path / "runs",
+                          overrides={"num-server-rounds": 2, "local-steps": 3,
+                                     "personalization": "none", "finetune-steps": 0}),
+        echo=lambda line: None,
+    )
+    plan = json.loads(RunFiles(outcome.run_dir).plan_json.read_text())["run-config"]
+    assert (plan["in-channels"], plan["num-classes"]) == (2, 3)
+    model = Checkpoint.load(outcome.final_model)
+    assert (model.spec.in_channels, model.spec.num_classes) == (2, 3)
+    history = MetricsHistory.read(outcome.metrics_json)
+    assert all(s.error is None and s.val_dice_per_class is not None
+               for r in history.rounds for s in r.sites)
