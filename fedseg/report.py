@@ -324,7 +324,9 @@ def _site_table(history: MetricsHistory, sites: list[str]) -> str:
             _esc(name),
             _num(dices[0][1] if dices else None),
             f"{_num(best[1])} (round {best[0]})" if best else "–",
-            _num(final.val_dice),
+            _num(final.val_dice) + ("" if not final.val_dice_per_class else " (by class "
+                                    + " / ".join(_num(v) for v in final.val_dice_per_class)
+                                    + ")"),
             str(final.num_val_cases or 0),
             str(train_cases),
             str(sum(s.train_steps or 0 for _, s in series)),
@@ -338,7 +340,8 @@ def _site_table(history: MetricsHistory, sites: list[str]) -> str:
     head = ["site", "first Dice", "best Dice", "final Dice", "val cases", "train cases",
             "steps (all rounds)", "final ε", "rounds failed", "rounds refused"]
     note = _note("Dice: foreground, per validation case at full resolution, averaged over "
-                 "the site's cases. Final: the site's last reported round.")
+                 "the site's cases (over the structures too where the labels code several; "
+                 "each one's follows, in class order). Final: the site's last reported round.")
     return _table(head, rows) + "\n" + note
 
 

@@ -93,4 +93,11 @@ def format_summary(history: MetricsHistory) -> list[str]:
         )
     last = history.rounds[-1]
     lines.append(f"{'mean (cases)':<14} {'':>7} {'':>7} {_num(last.mean_val_dice):>7}")
+    by_class = [s for s in last.sites if s.val_dice_per_class]
+    if by_class:
+        # Several structures: what each site's final model reaches on each of them.
+        count = max(len(s.val_dice_per_class or []) for s in by_class)
+        lines.append("final Dice by class: " + "  ".join(
+            f"{s.site} " + " / ".join(_num(v) for v in s.val_dice_per_class or [])
+            for s in by_class) + f"  (classes 1 to {count})")
     return lines

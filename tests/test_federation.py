@@ -91,7 +91,7 @@ def test_fedavg_is_exact_case_weighted_mean(tmp_path: Path) -> None:
 
 
 def test_each_structures_dice_is_recorded_shown_and_written(tmp_path: Path) -> None:
-    from server.report import format_round
+    from server.report import format_round, format_summary
 
     classes = {f"{p.VAL_DICE_CLASS}1": 0.75, f"{p.VAL_DICE_CLASS}2": 0.25}
     grid = FakeGrid({
@@ -116,6 +116,8 @@ def test_each_structures_dice_is_recorded_shown_and_written(tmp_path: Path) -> N
     assert row == "1,a,11,1,0.5,3,2,0.5,,,,,0.75 0.25"
     shown = "  a              val Dice 0.500 [by class 0.750 / 0.250] (2 cases)"
     assert any(line.startswith(shown) for line in format_round(state.history.rounds[0], 1))
+    assert format_summary(state.history)[-1] == (
+        "final Dice by class: a 0.750 / 0.250  (classes 1 to 2)")
 
 
 def test_round_sends_model_and_plan_to_every_site() -> None:

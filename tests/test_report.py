@@ -48,7 +48,7 @@ def build_history() -> MetricsHistory:
             site(b, 2, error="timed out after 3600 s")]),
         RoundRecord(round=3, aggregated=True, train_seconds=11.0, evaluate_seconds=2.5, sites=[
             site(a, 1, num_train_cases=40, train_loss=0.6, train_steps=20, num_val_cases=10,
-                 val_dice=0.62, epsilon=2.75, delta=1e-5),
+                 val_dice=0.62, val_dice_per_class=[0.7, 0.54], epsilon=2.75, delta=1e-5),
             site(b, 2, num_val_cases=6, val_dice=0.5,
                  refused="privacy budget spent: epsilon 3.00 of 3.00")]),
     ]
@@ -127,7 +127,8 @@ def test_report_shows_tables_and_plots(tmp_path: Path) -> None:
     rows = page.rows()
 
     # Per-site table: first, best (round), final Dice, cases, steps, final epsilon, counts.
-    assert ["hospital-a", "0.410", "0.620 (round 3)", "0.620", "10", "40", "60",
+    assert ["hospital-a", "0.410", "0.620 (round 3)", "0.620 (by class 0.700 / 0.540)", "10",
+            "40", "60",
             "2.75 (δ 1e-05)", "0", "0"] in rows
     assert ["hospital-b", "0.350", "0.500 (round 3)", "0.500", "6", "30", "15",
             "0.90 (δ 1e-05)", "1", "1"] in rows
@@ -264,7 +265,8 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     page = Page()
     page.feed(dom.stdout)
     assert sum(src.startswith(PNG_PREFIX) for src in page.images) == 3
-    assert ["hospital-a", "0.410", "0.620 (round 3)", "0.620", "10", "40", "60",
+    assert ["hospital-a", "0.410", "0.620 (round 3)", "0.620 (by class 0.700 / 0.540)", "10",
+            "40", "60",
             "2.75 (δ 1e-05)", "0", "0"] in page.rows()
 
     screenshot = tmp_path / "report.png"
