@@ -118,8 +118,7 @@ def site_fingerprint(cases: Sequence[tuple[np.ndarray, np.ndarray, tuple[float, 
         dark_fraction=round(median("dark"), 2),
         fg_intensity=(_two_digits(median("fg_low")), _two_digits(median("fg_mid")),
                       _two_digits(median("fg_high"))),
-        classes=label_classes(np.unique(np.concatenate(
-            [np.unique(label) for _, label, _ in cases]))),
+        classes=label_classes(np.concatenate([np.unique(label) for _, label, _ in cases])),
     )
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.history import MetricsHistory, RoundRecord, SiteRound
+from server.report import by_class
 from shared.atomic import write_text_atomic
 from shared.errors import FedsegError
 from shared.run_files import RunFiles
@@ -324,9 +325,8 @@ def _site_table(history: MetricsHistory, sites: list[str]) -> str:
             _esc(name),
             _num(dices[0][1] if dices else None),
             f"{_num(best[1])} (round {best[0]})" if best else "–",
-            _num(final.val_dice) + ("" if not final.val_dice_per_class else " (by class "
-                                    + " / ".join(_num(v) for v in final.val_dice_per_class)
-                                    + ")"),
+            _num(final.val_dice) + (f" (by class {by_class(final.val_dice_per_class)})"
+                                    if final.val_dice_per_class else ""),
             str(final.num_val_cases or 0),
             str(train_cases),
             str(sum(s.train_steps or 0 for _, s in series)),

@@ -11,6 +11,11 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def by_class(values: list[float]) -> str:
+    """Return each structure's Dice in class order, as every report shows it."""
+    return " / ".join(_num(v) for v in values)
+
+
 def format_duration(seconds: float) -> str:
     """Return ``seconds`` as a person reads a wait: ``40 s``, ``3 min 20 s``, ``1 h 05 min``."""
     whole = round(seconds)
@@ -46,8 +51,8 @@ def format_round(record: RoundRecord, num_rounds: int,
             lines.append(f"  {s.site:<14} val Dice {_num(s.val_dice)}  REFUSED to train: "
                          f"{s.refused}{privacy}")
             continue
-        per_class = ("" if not s.val_dice_per_class else " [by class "
-                     + " / ".join(_num(v) for v in s.val_dice_per_class) + "]")
+        per_class = (f" [by class {by_class(s.val_dice_per_class)}]"
+                     if s.val_dice_per_class else "")
         lines.append(
             f"  {s.site:<14} val Dice {_num(s.val_dice)}{per_class} ({s.num_val_cases or 0} cases)"
             f"  train loss {_num(s.train_loss)} ({s.num_train_cases or 0} cases,"
@@ -93,11 +98,11 @@ def format_summary(history: MetricsHistory) -> list[str]:
         )
     last = history.rounds[-1]
     lines.append(f"{'mean (cases)':<14} {'':>7} {'':>7} {_num(last.mean_val_dice):>7}")
-    by_class = [s for s in last.sites if s.val_dice_per_class]
-    if by_class:
+    several = [s for s in last.sites if s.val_dice_per_class]
+    if several:
         # Several structures: what each site's final model reaches on each of them.
-        count = max(len(s.val_dice_per_class or []) for s in by_class)
+        count = max(len(s.val_dice_per_class or []) for s in several)
         lines.append("final Dice by class: " + "  ".join(
-            f"{s.site} " + " / ".join(_num(v) for v in s.val_dice_per_class or [])
-            for s in by_class) + f"  (classes 1 to {count})")
+            f"{s.site} {by_class(s.val_dice_per_class or [])}"
+            for s in several) + f"  (classes 1 to {count})")
     return lines
