@@ -163,6 +163,7 @@ def train_reply(msg: Message, site: SiteConfig, result: TrainResult,
         p.DP: result.epsilon is not None,
         p.EPSILON: result.epsilon or 0.0,
         p.DELTA: result.delta or 0.0,
+        p.NOISE_STD: result.noise_std,
         p.REFUSED: bool(result.refused),
         p.REASON: result.refused,
     })

@@ -53,7 +53,7 @@ from shared.metrics import dice_per_class
 from shared.networks import build_network
 from shared.partition import local_parameter_names, split_weights
 from shared.personalization import PERSONALIZATIONS, finetunes_now
-from shared.privacy import PrivacySettings
+from shared.privacy import PrivacySettings, gradient_noise_std
 from shared.schedule import learning_rate
 from shared.trainable import trainable_names
 from shared.weights import NDArrays, check_compatible, numpy_to_state, state_to_numpy
@@ -118,6 +118,9 @@ class TrainResult:
         Optimiser steps taken (Poisson batches, empty ones included, under DP).
     epsilon, delta : float or None
         Cumulative privacy spent by this site after the round; ``None`` without DP.
+    noise_std : float
+        Standard deviation of the DP-SGD noise in each step's mean gradient
+        (:func:`shared.privacy.gradient_noise_std`); 0.0 without DP.
     refused : str
         Why the site refused to train this round ("" if it trained).
     """
@@ -129,6 +132,7 @@ class TrainResult:
     epsilon: float | None = None
     delta: float | None = None
     refused: str = ""
+    noise_std: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -367,6 +371,7 @@ class SiteTrainer:
         return TrainResult(
             weights=self.sent_weights(), num_examples=self.num_train_cases,
             train_loss=_mean(losses), steps=taken, epsilon=epsilon, delta=privacy.delta,
+            noise_std=gradient_noise_std(noise, privacy.max_grad_norm, rate * len(units)),
         )
 
     def _optimise(self, net: torch.nn.Module, batches: Iterable[Batch], steps: int,

@@ -34,13 +34,14 @@ from server.deadline import (
 )
 from server.history import MetricsHistory, RoundRecord, SiteRound
 from server.resume import ResumeState
-from server.strategies import base_strategy, build_strategy
+from server.strategies import CENTRAL_DP, SITE_WEIGHTINGS, base_strategy, build_strategy
 from server.validation import norm_outliers, step_problem, update_norm, update_problem
 from shared import protocol as p
 from shared.atomic import write_text_atomic
 from shared.checkpoint import Checkpoint
 from shared.errors import FedsegError
 from shared.planning import Plan
+from shared.privacy import noise_weights
 from shared.run_files import RunFiles
 from shared.trainable import merge_trainable, shared_trainable_names
 from shared.weights import (
@@ -166,6 +167,14 @@ def _read_reply(entry: SiteRound, msg: Message, phase: str) -> bool:
     if privacy is not None and privacy.get(p.DP):
         entry.epsilon = _number(privacy, p.EPSILON)
         entry.delta = _number(privacy, p.DELTA)
+        # Older sites do not send it; 'dp-noise' weighting then refuses their update.
+        if p.NOISE_STD in privacy:
+            std = _number(privacy, p.NOISE_STD)
+            if std < 0:
+                raise ValueError(f"'{p.NOISE_STD}' is {std}, expected at least 0")
+            entry.noise_std = std
+    elif privacy is not None:
+        entry.noise_std = 0.0
     if privacy is not None and privacy.get(p.REFUSED):
         # An explicit, recorded refusal: the site's budget would be exceeded.
         entry.refused = str(privacy.get(p.REASON, "refused"))
@@ -260,6 +269,29 @@ def expected_names(config: RunConfig, weights: NDArrays) -> frozenset[str]:
     if config.training.trainable == "all":
         return frozenset(weights)
     return shared_trainable_names(config.model, config.training.trainable)
+
+
+def _weigh_by_noise(record: RoundRecord, replies: list[Message]) -> list[Message]:
+    """Set each update's FedAvg weight to :func:`shared.privacy.noise_weights` of its noise.
+
+    Returns the replies that can be weighed; one whose site did not report its
+    DP-SGD noise is dropped and recorded against the site, as a malformed update is.
+    """
+    entries = [next(s for s in record.sites if s.node_id == msg.metadata.src_node_id)
+               for msg in replies]
+    known: list[tuple[SiteRound, Message]] = []
+    for entry, msg in zip(entries, replies, strict=True):
+        if entry.noise_std is None:
+            entry.error = (f"train: update rejected (site-weighting 'dp-noise' needs the "
+                           f"site's '{p.NOISE_STD}'; update fedseg at that site)")
+            log.warning("site %s: %s", entry.site, entry.error)
+            continue
+        known.append((entry, msg))
+    stds = [entry.noise_std for entry, _ in known if entry.noise_std is not None]
+    for (entry, msg), weight in zip(known, noise_weights(stds), strict=True):
+        entry.weight = weight
+        msg.content.metric_records[p.METRICS][p.NUM_EXAMPLES] = weight
+    return [msg for _, msg in known]
 
 
 def _complete_updates(replies: list[Message], weights: NDArrays) -> None:
@@ -432,6 +464,10 @@ def run_round(grid: Grid, strategy: Strategy, config: RunConfig, state: Federati
     trained = expected_names(config, state.weights)
     ok = _reject_bad_updates(
         record, ok, {k: v for k, v in state.weights.items() if k in trained}, config)
+    if (SITE_WEIGHTINGS[config.site_weighting].by_noise
+            and CENTRAL_DP[config.central_dp].wrapper is None):
+        # Flower's central-DP wrappers need equal weights, which the sites then send.
+        ok = _weigh_by_noise(record, ok)
     _complete_updates(ok, state.weights)
     weights = state.weights
     if len(ok) >= config.min_train_nodes:

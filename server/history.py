@@ -30,6 +30,10 @@ class SiteRound:
     val_dice_per_class: list[float] | None = None
     epsilon: float | None = None
     delta: float | None = None
+    #: Standard deviation of the DP-SGD noise in the site's mean gradient per step.
+    noise_std: float | None = None
+    #: The weight its update had in the aggregate, when site-weighting 'dp-noise' set it.
+    weight: float | None = None
     refused: str | None = None
     error: str | None = None
 
@@ -84,7 +88,7 @@ class RoundRecord:
 CSV_FIELDS = ["round", "site", "node_id", "num_train_cases", "train_loss", "train_steps",
               "num_val_cases", "val_dice", "epsilon", "delta", "refused", "error",
               # Added last: a reader of the earlier columns by position is unaffected.
-              "val_dice_per_class"]
+              "val_dice_per_class", "noise_std", "weight"]
 
 
 @dataclass

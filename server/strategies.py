@@ -105,10 +105,22 @@ STRATEGIES: Registry[StrategyType] = Registry("strategy", {
 
 @dataclass(frozen=True)
 class SiteWeighting:
-    """How FedAvg-style strategies weight each site's update."""
+    """How FedAvg-style strategies weight each site's update.
+
+    Attributes
+    ----------
+    uniform : bool
+        Every site sends the weight 1 instead of its number of cases.
+    doc : str
+        What the weight is, for the README.
+    by_noise : bool
+        The server replaces the sites' weights by :func:`shared.privacy.noise_weights`
+        of the DP-SGD noise each reports.
+    """
 
     uniform: bool
     doc: str
+    by_noise: bool = False
 
 
 SITE_WEIGHTINGS: Registry[SiteWeighting] = Registry("site weighting", {
@@ -116,6 +128,11 @@ SITE_WEIGHTINGS: Registry[SiteWeighting] = Registry("site weighting", {
     # A small hospital's cases then pull the global model as hard as a large one's:
     # on chest X-ray, 118 Montgomery cases beside 448 from Shenzhen.
     "equal": SiteWeighting(True, "every site alike, whatever its number of cases"),
+    # Under DP-SGD a site's noise depends on its patients per batch and its own
+    # epsilon, not on its cases: CHASE_DB1's 18 images are 9 children.
+    "dp-noise": SiteWeighting(False, "by the inverse variance of the DP-SGD noise in its "
+                              "update (sites without DP-SGD as the least noisy one; all "
+                              "alike when none trains under DP-SGD)", by_noise=True),
 })
 
 

@@ -656,10 +656,12 @@ def make_plan(fingerprints: Sequence[Fingerprint], rules: PlannerRules | None = 
                    f"learning rate from {rules.learning_rate:g}{dp_rate}")
     reasons.append(f"{fp.dark_fraction:.0%} of pixels are dark: {normalization} normalisation")
     if private:
-        # A small site's DP-SGD update is the noisiest; its cases keep its weight down.
-        site_weighting = "cases"
-        reasons.append("updates weighted by training cases: under DP-SGD the smallest site's "
-                       "update carries the most noise")
+        # Each site's DP-SGD noise follows from its patients per batch and its own
+        # epsilon, which its cases only stand in for (retina at epsilon 8, README).
+        site_weighting = "dp-noise"
+        reasons.append("updates weighted by the inverse variance of each site's DP-SGD noise: "
+                       "the site with the fewest patients, or the smallest epsilon, adds the "
+                       "most noise and pulls least")
     else:
         # The global model is every hospital's starting point, so each counts alike
         # (chest X-ray, 3 seeds, the round-8 global model on Montgomery: 0.928-0.939

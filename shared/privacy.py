@@ -11,7 +11,7 @@ imports nothing beyond the standard library, so the server never loads Opacus.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -164,3 +164,61 @@ def resolve_privacy(site: SitePrivacy, request: PrivacyRequest) -> PrivacySettin
         target_epsilon=site.target_epsilon,
         planned_rounds=site.planned_rounds,
     )
+
+
+def gradient_noise_std(noise_multiplier: float, max_grad_norm: float,
+                       expected_units: float) -> float:
+    """Return the standard deviation of the DP-SGD noise in one step's mean gradient.
+
+    Opacus adds ``N(0, (noise_multiplier * max_grad_norm)^2)`` to every coordinate
+    of the summed clipped gradients and divides the sum by the expected number of
+    sampled units (``sample_rate * units``), so each coordinate of the mean
+    gradient carries noise of this standard deviation.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        Noise relative to the clipping norm.
+    max_grad_norm : float
+        Per-unit clipping norm.
+    expected_units : float
+        Expected privacy units (patients) per batch; above 0.
+
+    Returns
+    -------
+    float
+        ``noise_multiplier * max_grad_norm / expected_units``.
+    """
+    if expected_units <= 0:
+        raise ValueError(f"expected_units must be above 0, got {expected_units}")
+    return noise_multiplier * max_grad_norm / expected_units
+
+
+def noise_weights(noise_stds: Sequence[float]) -> list[float]:
+    """Return aggregation weights that favour the sites whose updates carry less DP noise.
+
+    Inverse-variance weighting: a site that trained under DP-SGD weighs
+    ``1 / std**2``, so the noise of the weighted mean is the smallest any fixed
+    weights can give (with independent noise, and ignoring what the sites' data
+    differ in). A site without DP-SGD (``std`` 0) adds no noise; it weighs as much
+    as the least noisy DP-SGD site, so one site that opts out does not take the
+    whole model. Without any DP-SGD site every site weighs 1.
+
+    Parameters
+    ----------
+    noise_stds : sequence of float
+        Each site's :func:`gradient_noise_std` for the round, 0.0 without DP-SGD;
+        finite and not negative.
+
+    Returns
+    -------
+    list of float
+        One weight per site, in order (unnormalised; FedAvg normalises).
+    """
+    for std in noise_stds:
+        if not math.isfinite(std) or std < 0:
+            raise ValueError(f"a noise standard deviation must be finite and at least 0, "
+                             f"got {std}")
+    private = [1.0 / std**2 for std in noise_stds if std > 0]
+    plain = max(private, default=1.0)
+    return [1.0 / std**2 if std > 0 else plain for std in noise_stds]

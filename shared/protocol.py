@@ -24,6 +24,9 @@ PRIVACY = "privacy"        # ConfigRecord: a site's DP status after the round
 DP = "dp"                  # bool: the round was trained with DP-SGD
 EPSILON = "epsilon"        # cumulative epsilon of the site (0.0 without DP)
 DELTA = "delta"
+# float: standard deviation of the DP-SGD noise in the site's mean gradient per step
+# (shared.privacy.gradient_noise_std; 0.0 without DP); site-weighting 'dp-noise' uses it.
+NOISE_STD = "noise-std"
 REFUSED = "refused"        # bool: the site declined to train this round
 REASON = "reason"          # why it declined
 

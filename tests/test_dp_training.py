@@ -76,6 +76,8 @@ def test_patients_are_the_sampling_units_and_set_the_rate(paired_site: Path,
     assert result.steps == 3 and result.num_examples == 6
     assert result.epsilon == accountant.get_epsilon(delta=1e-5)
     assert PrivacyLedger.load(tmp_path).history == [(1.1, rate, 3)]
+    # Noise 1.1 x clipping norm 1.0 over the expected 2 patients of a batch.
+    assert result.noise_std == 1.1 * 1.0 / (rate * 3)
     # Epochs under DP count passes over patients: ceil(3 / 2) steps, not ceil(6 / 2).
     assert trainer.steps_for(TrainPlan(batch_size=2), len(units)) == 2
 

@@ -113,7 +113,7 @@ def test_each_structures_dice_is_recorded_shown_and_written(tmp_path: Path) -> N
     assert MetricsHistory.read(folder.metrics_json).rounds[0].sites[0].val_dice_per_class == [
         0.75, 0.25]
     row = folder.metrics_csv.read_text().splitlines()[1]
-    assert row == "1,a,11,1,0.5,3,2,0.5,,,,,0.75 0.25"
+    assert row == "1,a,11,1,0.5,3,2,0.5,,,,,0.75 0.25,,"
     shown = "  a              val Dice 0.500 [by class 0.750 / 0.250] (2 cases)"
     assert any(line.startswith(shown) for line in format_round(state.history.rounds[0], 1))
     assert format_summary(state.history)[-1] == (
@@ -219,14 +219,21 @@ class _Silent:
         pass
 
 
-def real_reply_site(name: str, weights: dict[str, np.ndarray], n_train: int):
-    """Return a responder whose train replies are built by the ClientApp's own ``train_reply``."""
+def real_reply_site(name: str, weights: dict[str, np.ndarray], n_train: int,
+                    noise_std: float | None = None):
+    """Return a responder whose train replies are built by the ClientApp's own ``train_reply``.
+
+    With ``noise_std`` the site reports a DP-SGD round with that noise.
+    """
 
     def respond(msg: Message) -> Message:
         if msg.metadata.message_type != "train":
             return site(name, weights, n_train, 0.5)(msg)
         plan = TrainPlan.from_config(msg.content.config_records[p.CONFIG])
-        result = TrainResult(weights=weights, num_examples=n_train, train_loss=0.5, steps=3)
+        dp = {} if noise_std is None else {"epsilon": 1.0, "delta": 1e-5,
+                                           "noise_std": noise_std}
+        result = TrainResult(weights=weights, num_examples=n_train, train_loss=0.5, steps=3,
+                             **dp)  # type: ignore[arg-type]
         site_config = SiteConfig(data_path=Path(name), site_name=name)
         return train_reply(msg, site_config, result, plan.uniform_weights)
 
@@ -253,9 +260,74 @@ def test_site_weighting_sets_each_updates_weight_exactly(
         ("a", 1), ("b", 3)]
 
 
+@pytest.mark.parametrize(("noise", "weights", "w", "b"), [
+    # Noise 0.5 and 0.25: weights 1 / 0.25 = 4 and 1 / 0.0625 = 16, whatever the cases.
+    ((0.5, 0.25), [4.0, 16.0], [3.4, 6.8], [[3.2, 1.6]]),
+    # Site a without DP-SGD weighs as the least noisy DP-SGD site: equal here.
+    ((None, 0.25), [16.0, 16.0], [2.5, 5.0], [[2.0, 4.0]]),
+])
+def test_dp_noise_weighting_weighs_updates_by_inverse_noise_variance(
+        noise: tuple[float | None, float], weights: list[float], w: list[float],
+        b: list[list[float]]) -> None:
+    grid = FakeGrid({
+        11: real_reply_site("a", {"w": np.array([1.0, 2.0]), "b": np.array([[0.0, 8.0]])}, 1,
+                            noise[0]),
+        22: real_reply_site("b", {"w": np.array([4.0, 8.0]), "b": np.array([[4.0, 0.0]])}, 3,
+                            noise[1]),
+    })
+    cfg = config(**{"site-weighting": "dp-noise"})
+    state = run_round(grid, build_strategy(cfg), cfg,
+                      FederationState(0, initial(), MetricsHistory({})))
+    np.testing.assert_allclose(state.weights["w"], np.array(w), rtol=1e-12)
+    np.testing.assert_allclose(state.weights["b"], np.array(b), rtol=1e-12)
+    sites = state.history.rounds[0].sites
+    assert [(s.weight, s.noise_std, s.num_train_cases) for s in sites] == [
+        (weights[0], noise[0] or 0.0, 1), (weights[1], noise[1], 3)]
+
+
+def test_dp_noise_weighting_rejects_a_dp_update_without_its_noise() -> None:
+    def old_site(msg: Message) -> Message:
+        reply = real_reply_site("a", {"w": np.ones(2), "b": np.ones((1, 2))}, 1, 0.5)(msg)
+        if msg.metadata.message_type == "train":
+            del reply.content.config_records[p.PRIVACY][p.NOISE_STD]
+        return reply
+
+    grid = FakeGrid({11: old_site, 22: real_reply_site("b", initial(), 3, 0.25)})
+    cfg = config(**{"site-weighting": "dp-noise"})
+    state = run_round(grid, build_strategy(cfg), cfg,
+                      FederationState(0, initial(), MetricsHistory({})))
+    a, b = state.history.rounds[0].sites
+    assert a.error == ("train: update rejected (site-weighting 'dp-noise' needs the site's "
+                       "'noise-std'; update fedseg at that site)")
+    # One of the two required updates is left: the global model stays as it was.
+    assert not state.history.rounds[0].aggregated and b.error is None
+    np.testing.assert_array_equal(state.weights["w"], np.zeros(2))
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
+def test_a_bad_reported_noise_is_the_sites_error(bad: float) -> None:
+    def liar(msg: Message) -> Message:
+        reply = real_reply_site("a", {"w": np.ones(2), "b": np.ones((1, 2))}, 1, 0.5)(msg)
+        if msg.metadata.message_type == "train":
+            reply.content.config_records[p.PRIVACY][p.NOISE_STD] = bad
+        return reply
+
+    grid = FakeGrid({11: liar, 22: real_reply_site("b", initial(), 3, 0.25)})
+    cfg = config(**{"site-weighting": "dp-noise", "min-train-nodes": 1})
+    state = run_round(grid, build_strategy(cfg), cfg,
+                      FederationState(0, initial(), MetricsHistory({})))
+    a, b = state.history.rounds[0].sites
+    assert a.error is not None and a.error.startswith(
+        f"train: malformed reply ('noise-std' is {bad}, expected ")
+    # b alone is aggregated, with its own weight.
+    assert b.weight == 16.0 and state.history.rounds[0].aggregated
+    np.testing.assert_array_equal(state.weights["w"], np.zeros(2))
+
+
 def test_an_unknown_site_weighting_is_refused_with_the_choices() -> None:
     with pytest.raises(SettingError,
-                       match="'site-weighting': must be one of cases, equal, got 'even'"):
+                       match="'site-weighting': must be one of cases, equal, dp-noise, got "
+                             "'even'"):
         config(**{"site-weighting": "even"})
 
 

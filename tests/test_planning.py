@@ -141,7 +141,7 @@ def test_sites_under_dp_get_a_small_network_and_large_batches_of_patients() -> N
         "channels": "8,16,32,64", "batch-size": 31, "local-steps": 20,
         "num-server-rounds": 5, "normalization": "zscore", "learning-rate": 0.002,
         "lr-schedule": "cosine", "personalization": "none", "finetune-steps": 0,
-        "site-weighting": "cases",
+        "site-weighting": "dp-noise",
     }
     assert "1 site(s) train under DP-SGD, the smallest with 94 patients" in plan.reasons[1]
     # Few patients: the batch stays at its floor; many: at its ceiling.

@@ -25,7 +25,13 @@ from server.strategies import build_strategy
 from shared.config import ModelSpec, TrainPlan
 from shared.errors import ConfigError, DataError
 from shared.networks import build_network
-from shared.privacy import PrivacyRequest, SitePrivacy, resolve_privacy
+from shared.privacy import (
+    PrivacyRequest,
+    SitePrivacy,
+    gradient_noise_std,
+    noise_weights,
+    resolve_privacy,
+)
 from shared.weights import state_to_numpy
 from simulations.phantoms import write_synthetic_federation
 from tests.conftest import REPO, FakeGrid
@@ -164,3 +170,28 @@ def test_site_over_budget_refuses_and_federation_goes_on(sites: list[Path],
     # The refusing site spent nothing: its ledger never recorded a step.
     assert PrivacyLedger.load(tmp_path / "b").history == []
     assert "refused" in state.history.to_csv().splitlines()[0]
+
+
+def test_gradient_noise_std_is_the_noise_of_the_mean_gradient() -> None:
+    # Opacus: N(0, (1.5 * 2.0)^2) on the sum, divided by the expected 8 patients.
+    assert gradient_noise_std(1.5, 2.0, 8.0) == 0.375
+    assert gradient_noise_std(0.0, 1.0, 8.0) == 0.0
+    with pytest.raises(ValueError, match="expected_units must be above 0, got 0"):
+        gradient_noise_std(1.0, 1.0, 0.0)
+
+
+def test_noise_weights_are_inverse_variances() -> None:
+    assert noise_weights([0.5, 0.25]) == [4.0, 16.0]
+    # A site without DP-SGD weighs as the least noisy DP-SGD site.
+    assert noise_weights([0.5, 0.0, 0.25]) == [4.0, 16.0, 16.0]
+    # No DP-SGD site: all alike.
+    assert noise_weights([0.0, 0.0]) == [1.0, 1.0]
+    assert noise_weights([]) == []
+    # Scaling every site's noise leaves the weights' proportions.
+    assert noise_weights([2.0, 1.0]) == [0.25, 1.0]
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf])
+def test_noise_weights_refuse_a_bad_standard_deviation(bad: float) -> None:
+    with pytest.raises(ValueError, match="must be finite and at least 0"):
+        noise_weights([0.5, bad])
