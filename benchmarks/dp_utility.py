@@ -220,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--epsilons", type=_epsilon, nargs="+", default=[1.0, 2.0, 4.0, 8.0],
                         help="epsilons per site (default 1 2 4 8); inf, no DP, is always run")
     parser.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1 (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, metavar="S",
+                        help="start at seed S instead: S..S+N-1, e.g. to add seeds to an "
+                             "earlier run (default 0)")
     parser.add_argument("--alone", action="store_true",
                         help="also train every site by itself at every epsilon")
     parser.add_argument("--run-config", action="append", default=None,
@@ -236,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.first_seed < 0:
+        parser.error("--first-seed must be at least 0")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     try:
         folders = find_site_folders(args.data)
     except DataError as exc:
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     alone = single_site_folders(folders, output / "single-site") if args.alone else {}
     rows: list[Row] = []
-    for seed in range(args.seeds):
+    for seed in seeds:
         seeded = {**values, "seed": seed}
         for epsilon in epsilons:
             label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"setting": ALONE, "epsilon": epsilon, "seed": seed,
                              "sites": run_one(single, seeded, epsilon, where, echo)})
 
-    report = {"data": str(args.data), "sites": sites, "seeds": list(range(args.seeds)),
+    report = {"data": str(args.data), "sites": sites, "seeds": seeds,
               "epsilons": epsilons, "run_config": values, "zero_shot": zero,
               "summary": summarise(rows, sites), "runs": rows}
     output.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,8 @@ def test_a_site_missing_from_a_seed_leaves_the_mean_undefined() -> None:
                               "zero_shot": {}, "summary": {"federated eps=2": summary}})
 
 
-@pytest.mark.parametrize("argv", [["--epsilons", "0"], ["--epsilons", "-1"], ["--seeds", "0"]])
+@pytest.mark.parametrize("argv", [["--epsilons", "0"], ["--epsilons", "-1"], ["--seeds", "0"],
+                                  ["--first-seed", "-1"]])
 def test_bad_arguments_are_one_line(argv: list[str], tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
@@ -85,13 +86,15 @@ def test_one_epsilon_and_no_dp_alone_and_federated_write_json_markdown_and_png(
     data = tmp_path / "sites"
     write_synthetic_federation(data, num_sites=2, cases_per_site=6, shape=(32, 32))
     out = tmp_path / "out"
-    assert main(["--data", str(data), "--epsilons", "8", "--seeds", "1", "--alone",
-                 "--output", str(out), "--run-config",
+    assert main(["--data", str(data), "--epsilons", "8", "--seeds", "1", "--first-seed", "2",
+                 "--alone", "--output", str(out), "--run-config",
                  "num-server-rounds=1 local-steps=2 channels='8,16' batch-size=2"]) == 0
     report = json.loads((out / "dp-utility.json").read_text())
     assert list(report["summary"]) == ["federated eps=inf", "federated eps=8",
                                        "alone eps=inf", "alone eps=8"]
     sites = report["sites"]
+    # --first-seed 2 --seeds 1: seed 2 alone, in every run.
+    assert report["seeds"] == [2] and {run["seed"] for run in report["runs"]} == {2}
     for name, result in report["summary"].items():
         for site in sites:
             assert result["dice"][site]["mean"] is not None, (name, site)
