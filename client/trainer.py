@@ -371,7 +371,10 @@ class SiteTrainer:
         return TrainResult(
             weights=self.sent_weights(), num_examples=self.num_train_cases,
             train_loss=_mean(losses), steps=taken, epsilon=epsilon, delta=privacy.delta,
-            noise_std=gradient_noise_std(noise, privacy.max_grad_norm, rate * len(units)),
+            # What Opacus applied, not a recomputation of its inputs.
+            noise_std=gradient_noise_std(private.optimiser.noise_multiplier,
+                                         private.optimiser.max_grad_norm,
+                                         float(private.optimiser.expected_batch_size)),
         )
 
     def _optimise(self, net: torch.nn.Module, batches: Iterable[Batch], steps: int,

@@ -277,21 +277,20 @@ def _weigh_by_noise(record: RoundRecord, replies: list[Message]) -> list[Message
     Returns the replies that can be weighed; one whose site did not report its
     DP-SGD noise is dropped and recorded against the site, as a malformed update is.
     """
-    entries = [next(s for s in record.sites if s.node_id == msg.metadata.src_node_id)
-               for msg in replies]
-    known: list[tuple[SiteRound, Message]] = []
-    for entry, msg in zip(entries, replies, strict=True):
+    known: list[tuple[SiteRound, Message, float]] = []
+    for msg in replies:
+        entry = next(s for s in record.sites if s.node_id == msg.metadata.src_node_id)
         if entry.noise_std is None:
             entry.error = (f"train: update rejected (site-weighting 'dp-noise' needs the "
                            f"site's '{p.NOISE_STD}'; update fedseg at that site)")
             log.warning("site %s: %s", entry.site, entry.error)
-            continue
-        known.append((entry, msg))
-    stds = [entry.noise_std for entry, _ in known if entry.noise_std is not None]
-    for (entry, msg), weight in zip(known, noise_weights(stds), strict=True):
+        else:
+            known.append((entry, msg, entry.noise_std))
+    for (entry, msg, _), weight in zip(known, noise_weights([s for *_, s in known]),
+                                       strict=True):
         entry.weight = weight
         msg.content.metric_records[p.METRICS][p.NUM_EXAMPLES] = weight
-    return [msg for _, msg in known]
+    return [msg for _, msg, _ in known]
 
 
 def _complete_updates(replies: list[Message], weights: NDArrays) -> None:
