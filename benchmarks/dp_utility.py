@@ -249,12 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     sites = [f.name for f in folders]
     output: Path = args.output or Path("runs/bench-dp-utility") / args.data.resolve().name
     private = site_fingerprints(folders, site_settings(min(args.epsilons)))
-    values: dict[str, Any] = {**make_plan(private).to_run_config(),
-                              **_parse_overrides(args.run_config)}
-    if not RunConfig.from_user_config(values).initial_model:
+    overrides: dict[str, Any] = _parse_overrides(args.run_config)
+    if not RunConfig.from_user_config(overrides).initial_model:
         # What `fedseg simulate` does for these sites under DP-SGD, once for every run.
         output.mkdir(parents=True, exist_ok=True)
-        values = public_start(private, values, output, print)
+        overrides = public_start(private, overrides, output, print)
+    # Every epsilon, inf included, runs the private plan.
+    values: dict[str, Any] = {**make_plan(private).to_run_config(), **overrides}
     config = RunConfig.from_user_config(values)
     epsilons = sorted({*args.epsilons, math.inf}, reverse=True)
 

@@ -10,7 +10,8 @@ DP-SGD on a planned configuration and names no ``initial-model``,
 :func:`public_start` looks for a phantom family whose profile
 (:data:`simulations.starting.PROFILES`) fits the sites' combined fingerprint,
 pretrains the planned network on it in the simulating process, and starts the run
-from that model with only the decoder trained under DP. A deployment does the same by hand: the
+from that model with the family's recipe (what DP-SGD trains, and how). A deployment does the
+same by hand: the
 coordinator pretrains (or obtains) a public model and names it in the run config;
 the ServerApp never trains.
 """
@@ -21,6 +22,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,10 @@ from shared.config import ModelSpec, TrainPlan
 from shared.networks import seed_everything
 from shared.planning import Fingerprint, make_plan
 from simulations.phantom_families import write_family_site
-from simulations.starting import DEFAULTS, DP_TRAINABLE, choose_family, starting_model
+from simulations.starting import DEFAULTS, PROFILES, choose_family, starting_model
+
+#: Run-config keys of the architecture and geometry a starting model fixes.
+MODEL_KEYS = ("resize", "downsample", "patch-size", "channels")
 
 
 def pretrain(family: str, spec: ModelSpec, work: Path, cases: int, steps: int, batch: int,
@@ -87,7 +92,8 @@ def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
     fingerprints : sequence of Fingerprint
         Every site's, as the planning round will collect them (DP-SGD sites included).
     values : mapping
-        The run's run-config values, to be planned: the model is the plan's with them on top.
+        The run's own run-config values, to be planned: the model is the plan's with
+        them on top.
     run_dir : pathlib.Path
         The run folder; the model goes to ``starting-model.pt``, what it saw beside it.
     echo : callable
@@ -96,15 +102,19 @@ def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
     Returns
     -------
     dict
-        ``values`` with ``initial-model`` and, unless set, ``dp-trainable`` added; or
-        ``values`` unchanged when no family fits.
+        ``values`` with ``initial-model`` and, unless set, the family's recipe added
+        (and the network it was pretrained as, when that is not the private plan's);
+        or ``values`` unchanged when no family fits.
     """
     family = choose_family(fingerprints)
     if family is None:
         echo(starting_model(fingerprints))
         return dict(values)
+    profile = PROFILES[family]
     # As the ServerApp's planning round: planned keys the values leave `auto`.
-    spec = RunConfig.from_user_config(values, make_plan(fingerprints).to_run_config()).model
+    planned = make_plan([replace(fp, dp_patients=0) for fp in fingerprints] if profile.full_network
+                        else fingerprints).to_run_config()
+    spec = RunConfig.from_user_config(values, planned).model
     budget = DEFAULTS[family]
     echo(f"DP-SGD sites and no initial-model: pretraining the planned network on "
          f"{budget['cases']} public '{family}' phantoms ({budget['steps']} steps) to start from")
@@ -115,5 +125,8 @@ def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
     Checkpoint(spec, weights, 0).save(path)
     record["model"] = spec.to_config()
     path.with_name(path.name + ".json").write_text(json.dumps(record, indent=2) + "\n")
-    return {**values, "initial-model": str(path),
-            "dp-trainable": values.get("dp-trainable", DP_TRAINABLE)}
+    recipe: dict[str, Any] = dict(profile.recipe)
+    if profile.full_network:
+        # The private plan would otherwise pick another network than the checkpoint's.
+        recipe.update({key: planned[key] for key in MODEL_KEYS})
+    return {**recipe, **values, "initial-model": str(path)}

@@ -27,12 +27,11 @@ from simulations.phantom_families import (
     write_family_site,
 )
 from simulations.phantoms import write_synthetic_federation
-from simulations.pretrain import public_start
+from simulations.pretrain import MODEL_KEYS, public_start
 from simulations.simulate import SimulationRequest, run_simulation
 from simulations.sites import plan_sites
 from simulations.starting import (
     DEFAULTS,
-    DP_TRAINABLE,
     PROFILES,
     choose_family,
     starting_model,
@@ -119,16 +118,28 @@ def test_only_grey_2d_sites_with_thick_structures_fit_the_lung_profile() -> None
     assert not lung.fits(_fp(spatial_dims=3, shape=(128, 128, 64), spacing=(1.0, 1.0, 1.0)))
     # The combined fingerprint decides: a chest-like federation, a retina-like one.
     assert choose_family([_fp(num_cases=94, dp_patients=94), _fp(num_cases=358)]) == "lung"
-    assert choose_family([_fp(channels=3, thickness=7.7, dark_fraction=0.3)]) is None
+    assert choose_family([_fp(channels=3, thickness=7.7, dark_fraction=0.3)]) == "vessel"
     # Lung-like images whose labels code two structures: the phantoms have one foreground.
     assert choose_family([_fp(num_cases=94, dp_patients=94, classes=3)]) is None
     assert set(PROFILES) <= set(FAMILIES)
 
 
+def test_only_colour_2d_sites_with_thin_structures_fit_the_vessel_profile() -> None:
+    vessel = PROFILES["vessel"]
+    assert vessel.fits(_fp(channels=3, thickness=1.0)) and vessel.fits(_fp(channels=3,
+                                                                           thickness=16.0))
+    assert not vessel.fits(_fp(channels=3, thickness=16.1))
+    assert not vessel.fits(_fp(channels=1, thickness=7.7))
+    assert not vessel.fits(_fp(channels=3, thickness=7.7, classes=3))
+    # Colour images of mid-sized structures fit neither family.
+    assert choose_family([_fp(channels=3, thickness=20.0)]) is None
+
+
 def test_no_fitting_family_leaves_the_run_config_and_says_so(tmp_path: Path) -> None:
     said: list[str] = []
     values = {"num-server-rounds": 2}
-    assert public_start([_fp(channels=3, thickness=7.7)], values, tmp_path, said.append) == values
+    assert public_start([_fp(channels=3, thickness=20.0)], values, tmp_path,
+                        said.append) == values
     assert "random weights" in said[0] and not list(tmp_path.iterdir())
 
 
@@ -138,9 +149,16 @@ def test_fedseg_plan_says_what_a_dp_simulation_starts_from(
     budget = DEFAULTS["lung"]
     assert starting_model(lung) == (
         f"fedseg simulate starts DP-SGD from the planned network pretrained on "
-        f"{budget['cases']} public 'lung' phantoms ({budget['steps']} steps); the sites train "
-        f"dp-trainable '{DP_TRAINABLE}' unless the run config names initial-model")
-    assert "random weights" in starting_model([_fp(channels=3, thickness=7.7)])
+        f"{budget['cases']} public 'lung' phantoms ({budget['steps']} steps), with "
+        "dp-trainable='decoder' unless the run config names initial-model")
+    retina = [_fp(channels=3, thickness=7.7, dp_patients=9)]
+    budget = DEFAULTS["vessel"]
+    assert starting_model(retina) == (
+        f"fedseg simulate starts DP-SGD from the network planned without DP-SGD pretrained on "
+        f"{budget['cases']} public 'vessel' phantoms ({budget['steps']} steps), with "
+        "dp-trainable='norm+adapter' adaptation='adapter' dp-learning-rate=0.01 unless the run "
+        "config names initial-model")
+    assert "random weights" in starting_model([_fp(channels=3, thickness=20.0)])
     # The line is printed only when the sites train under DP-SGD.
     data = tmp_path / "data"
     write_synthetic_federation(data, num_sites=1, cases_per_site=4, shape=(16, 16))
@@ -180,3 +198,31 @@ def test_a_planned_dp_simulation_starts_from_public_phantoms_and_trains_the_deco
         if name not in decoder:
             np.testing.assert_array_equal(final.weights[name], value)
     assert any(not np.array_equal(final.weights[n], first.weights[n]) for n in decoder)
+
+
+def test_a_planned_dp_simulation_of_vessel_sites_takes_the_vessel_recipe(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pretraining itself is the lung test's; here only what the run is told to do.
+    calls: list[str] = []
+
+    def fake_pretrain(family: str, spec: object, *args: object,
+                      **kwargs: object) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+        calls.append(family)
+        return {"family": family, "saw": "no real image"}, initial_weights(
+            RunConfig.from_user_config({**PRESETS["vessel"], "seed": 3}))
+
+    monkeypatch.setattr("simulations.pretrain.pretrain", fake_pretrain)
+    private = [_fp(channels=3, shape=(576, 576), thickness=7.7, dark_fraction=0.3,
+                   dp_patients=4)] * 2
+    values = public_start(private, {"num-server-rounds": 1, "adaptation": "none"},
+                          tmp_path, lambda _: None)
+    assert calls == ["vessel"]
+    # The recipe, under what the run set itself; the network planned without DP-SGD.
+    public = make_plan([_fp(channels=3, shape=(576, 576), thickness=7.7,
+                            dark_fraction=0.3)] * 2).to_run_config()
+    assert make_plan(private).to_run_config()["channels"] != public["channels"]
+    assert values == {"dp-trainable": "norm+adapter", "adaptation": "none",
+                      "dp-learning-rate": 0.01, **{k: public[k] for k in MODEL_KEYS},
+                      "num-server-rounds": 1,
+                      "initial-model": str(tmp_path / "starting-model.pt")}
+    assert Checkpoint.load(tmp_path / "starting-model.pt").spec.channels == (16, 32, 64, 128)
