@@ -112,9 +112,12 @@ def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
         return dict(values)
     profile = PROFILES[family]
     # As the ServerApp's planning round: planned keys the values leave `auto`.
-    planned = make_plan([replace(fp, dp_patients=0) for fp in fingerprints] if profile.full_network
-                        else fingerprints).to_run_config()
-    spec = RunConfig.from_user_config(values, planned).model
+    planned = make_plan(fingerprints).to_run_config()
+    network: dict[str, Any] = {}
+    if profile.full_network:
+        public = make_plan([replace(fp, dp_patients=0) for fp in fingerprints]).to_run_config()
+        network = {key: public[key] for key in MODEL_KEYS}
+    spec = RunConfig.from_user_config({**network, **values}, planned).model
     budget = DEFAULTS[family]
     echo(f"DP-SGD sites and no initial-model: pretraining the planned network on "
          f"{budget['cases']} public '{family}' phantoms ({budget['steps']} steps) to start from")
@@ -125,8 +128,5 @@ def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
     Checkpoint(spec, weights, 0).save(path)
     record["model"] = spec.to_config()
     path.with_name(path.name + ".json").write_text(json.dumps(record, indent=2) + "\n")
-    recipe: dict[str, Any] = dict(profile.recipe)
-    if profile.full_network:
-        # The private plan would otherwise pick another network than the checkpoint's.
-        recipe.update({key: planned[key] for key in MODEL_KEYS})
-    return {**recipe, **values, "initial-model": str(path)}
+    # The network goes with the values: the private plan would pick another one.
+    return {**profile.recipe, **network, **values, "initial-model": str(path)}

@@ -15,6 +15,7 @@ from server.app import initial_weights
 from server.config import RunConfig
 from server.history import MetricsHistory
 from shared.checkpoint import Checkpoint
+from shared.config import ModelSpec
 from shared.networks import build_network
 from shared.planning import make_plan
 from shared.trainable import trainable_names
@@ -203,11 +204,11 @@ def test_a_planned_dp_simulation_starts_from_public_phantoms_and_trains_the_deco
 def test_a_planned_dp_simulation_of_vessel_sites_takes_the_vessel_recipe(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Pretraining itself is the lung test's; here only what the run is told to do.
-    calls: list[str] = []
+    calls: list[tuple[str, ModelSpec]] = []
 
-    def fake_pretrain(family: str, spec: object, *args: object,
+    def fake_pretrain(family: str, spec: ModelSpec, *args: object,
                       **kwargs: object) -> tuple[dict[str, object], dict[str, np.ndarray]]:
-        calls.append(family)
+        calls.append((family, spec))
         return {"family": family, "saw": "no real image"}, initial_weights(
             RunConfig.from_user_config({**PRESETS["vessel"], "seed": 3}))
 
@@ -216,7 +217,10 @@ def test_a_planned_dp_simulation_of_vessel_sites_takes_the_vessel_recipe(
                    dp_patients=4)] * 2
     values = public_start(private, {"num-server-rounds": 1, "adaptation": "none"},
                           tmp_path, lambda _: None)
-    assert calls == ["vessel"]
+    # Pretrained as the private plan's model (no fine-tune under DP-SGD), on the wide network.
+    (family, spec), = calls
+    assert family == "vessel" and spec.channels == (16, 32, 64, 128)
+    assert spec.personalization == "none" and spec.adaptation == "none"
     # The recipe, under what the run set itself; the network planned without DP-SGD.
     public = make_plan([_fp(channels=3, shape=(576, 576), thickness=7.7,
                             dark_fraction=0.3)] * 2).to_run_config()
