@@ -119,7 +119,8 @@ def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
         network = {key: public[key] for key in MODEL_KEYS}
     spec = RunConfig.from_user_config({**network, **values}, planned).model
     budget = DEFAULTS[family]
-    echo(f"DP-SGD sites and no initial-model: pretraining the planned network on "
+    echo(f"DP-SGD sites and no initial-model: pretraining the planned network "
+         f"({','.join(map(str, spec.channels))}) on "
          f"{budget['cases']} public '{family}' phantoms ({budget['steps']} steps) to start from")
     with tempfile.TemporaryDirectory(prefix="fedseg-pretrain-") as tmp:
         record, weights = pretrain(family, spec, Path(tmp), budget["cases"], budget["steps"],

@@ -7,9 +7,9 @@ can say what a simulation would start from without loading PyTorch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from shared.planning import Fingerprint, combine
+from shared.planning import Fingerprint, combine, make_plan
 
 #: Phantoms drawn and optimiser steps taken by default: about 5-8 CPU-minutes each
 #: at the preset architectures of ``benchmarks.pretrain``, under one at the private plan's.
@@ -91,7 +91,11 @@ def starting_model(fingerprints: Sequence[Fingerprint]) -> str:
                 "random weights (name a starting model with --run-config \"initial-model=...\")")
     budget = DEFAULTS[family]
     profile = PROFILES[family]
-    network = "network planned without DP-SGD" if profile.full_network else "planned network"
+    network = "planned network"
+    if profile.full_network:
+        public = make_plan([replace(fp, dp_patients=0) for fp in fingerprints])
+        channels = ",".join(map(str, public.channels))
+        network = f"network planned without DP-SGD (channels '{channels}')"
     recipe = " ".join(f"{key}={value!r}" for key, value in profile.recipe.items())
     return (f"fedseg simulate starts DP-SGD from the {network} pretrained on "
             f"{budget['cases']} public '{family}' phantoms ({budget['steps']} steps), with "

@@ -155,7 +155,8 @@ def test_fedseg_plan_says_what_a_dp_simulation_starts_from(
     retina = [_fp(channels=3, thickness=7.7, dp_patients=9)]
     budget = DEFAULTS["vessel"]
     assert starting_model(retina) == (
-        f"fedseg simulate starts DP-SGD from the network planned without DP-SGD pretrained on "
+        "fedseg simulate starts DP-SGD from the network planned without DP-SGD (channels "
+        f"'16,32,64,128') pretrained on "
         f"{budget['cases']} public 'vessel' phantoms ({budget['steps']} steps), with "
         "dp-trainable='norm+adapter' adaptation='adapter' dp-learning-rate=0.01 unless the run "
         "config names initial-model")
