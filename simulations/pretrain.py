@@ -33,6 +33,7 @@ from shared.checkpoint import Checkpoint
 from shared.config import ModelSpec, TrainPlan
 from shared.networks import seed_everything
 from shared.planning import Fingerprint, make_plan
+from shared.settings import AUTO
 from simulations.phantom_families import write_family_site
 from simulations.starting import DEFAULTS, PROFILES, choose_family, starting_model
 
@@ -115,9 +116,10 @@ def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
     planned = make_plan(fingerprints).to_run_config()
     network: dict[str, Any] = {}
     if profile.full_network:
+        # The keys the run leaves to the planner (absent, or `auto` as a simulation's).
         public = make_plan([replace(fp, dp_patients=0) for fp in fingerprints]).to_run_config()
-        network = {key: public[key] for key in MODEL_KEYS}
-    spec = RunConfig.from_user_config({**network, **values}, planned).model
+        network = {key: public[key] for key in MODEL_KEYS if values.get(key, AUTO) == AUTO}
+    spec = RunConfig.from_user_config({**values, **network}, planned).model
     budget = DEFAULTS[family]
     echo(f"DP-SGD sites and no initial-model: pretraining the planned network "
          f"({','.join(map(str, spec.channels))}) on "
@@ -130,4 +132,4 @@ def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
     record["model"] = spec.to_config()
     path.with_name(path.name + ".json").write_text(json.dumps(record, indent=2) + "\n")
     # The network goes with the values: the private plan would pick another one.
-    return {**profile.recipe, **network, **values, "initial-model": str(path)}
+    return {**profile.recipe, **values, **network, "initial-model": str(path)}

@@ -18,6 +18,7 @@ from shared.checkpoint import Checkpoint
 from shared.config import ModelSpec
 from shared.networks import build_network
 from shared.planning import make_plan
+from shared.settings import AUTO
 from shared.trainable import trainable_names
 from simulations.phantom_families import (
     FAMILIES,
@@ -216,7 +217,9 @@ def test_a_planned_dp_simulation_of_vessel_sites_takes_the_vessel_recipe(
     monkeypatch.setattr("simulations.pretrain.pretrain", fake_pretrain)
     private = [_fp(channels=3, shape=(576, 576), thickness=7.7, dark_fraction=0.3,
                    dp_patients=4)] * 2
-    values = public_start(private, {"num-server-rounds": 1, "adaptation": "none"},
+    # A simulation leaves the planned keys `auto`; the run's own values stay.
+    values = public_start(private, {"num-server-rounds": 1, "adaptation": "none",
+                                    "channels": AUTO, "patch-size": AUTO},
                           tmp_path, lambda _: None)
     # Pretrained as the private plan's model (no fine-tune under DP-SGD), on the wide network.
     (family, spec), = calls
@@ -231,3 +234,6 @@ def test_a_planned_dp_simulation_of_vessel_sites_takes_the_vessel_recipe(
                       "num-server-rounds": 1,
                       "initial-model": str(tmp_path / "starting-model.pt")}
     assert Checkpoint.load(tmp_path / "starting-model.pt").spec.channels == (16, 32, 64, 128)
+    # A network the run config names is the one pretrained and trained.
+    values = public_start(private, {"channels": "8,16"}, tmp_path, lambda _: None)
+    assert values["channels"] == "8,16" and calls[-1][1].channels == (8, 16)
