@@ -18,7 +18,7 @@ from server.config import RunConfig
 from server.federation import NotEnoughSitesError, wait_for_nodes
 from shared import protocol as p
 from shared.personalization import PERSONALIZATIONS
-from shared.planning import Fingerprint, Plan, PlanningError, make_plan
+from shared.planning import Fingerprint, Plan, PlanningError, make_plan, overridden
 
 log = logging.getLogger("fedseg.server")
 
@@ -65,6 +65,10 @@ def planned_run_config(grid: Grid, values: Mapping[str, Any],
     config = RunConfig.from_user_config(values, plan.to_run_config(values))
     for line in plan.reasons:
         echo(f"plan: {line}")
+    # The reasons explain the plan; what runs differs where the run config says so.
+    changed = overridden(plan.to_run_config(values), values, skip=("finetune-steps",))
+    if changed:
+        echo(f"plan: the run config sets {', '.join(changed)}")
     # What runs, not what was planned: the user's finetune-steps, if set, wins too.
     finetune = config.training.finetune_length(config.training.local_steps)
     if PERSONALIZATIONS[config.model.personalization].finetunes and finetune != plan.finetune_steps:

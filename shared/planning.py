@@ -407,6 +407,21 @@ class Plan:
         }
 
 
+def overridden(planned: Mapping[str, Any], values: Mapping[str, Any],
+               skip: Sequence[str] = ()) -> list[str]:
+    """Return ``key=value (planned X)`` for each planned key ``values`` sets otherwise.
+
+    ``auto`` and an absent key leave the plan's value; spaces in a list do not
+    count as a difference.
+    """
+    def text(value: Any) -> str:
+        return str(value).replace(" ", "")
+
+    return [f"{key}={values[key]!r} (planned {planned[key]!r})" for key in planned
+            if key not in skip and key in values and values[key] != "auto"
+            and text(values[key]) != text(planned[key])]
+
+
 def _resamples(values: Mapping[str, Any] | None, key: str) -> bool:
     """Whether the user's ``values`` set ``key`` (resize, downsample) to resample."""
     user = (values or {}).get(key, "auto")

@@ -434,6 +434,9 @@ def test_deployed_server_app_parses_run_config_from_context(tmp_path: Path) -> N
     # One round of 2 steps asked for: the recorded fine-tune is one round of the user's steps.
     assert (recorded["personalization"], recorded["finetune-steps"]) == ("finetune", 2)
     assert "plan: the run config's rounds or steps make the deployed fine-tune 2 steps" in said
+    changed = [line for line in said if line.startswith("plan: the run config sets ")]
+    assert changed == ["plan: the run config sets channels='8,16' (planned '16,32'), "
+                       "local-steps=2 (planned 150), num-server-rounds=1 (planned 25)"]
 
 
 @pytest.mark.faults

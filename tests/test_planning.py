@@ -17,6 +17,7 @@ from shared.planning import (
     PlanningError,
     combine,
     make_plan,
+    overridden,
 )
 
 
@@ -344,3 +345,15 @@ def test_a_one_round_budget_deploys_the_global_model_within_that_round() -> None
     two = make_plan([_fp()], PlannerRules(rounds=2, max_rounds=2))
     assert (two.num_server_rounds, two.finetune_steps, two.budget_rounds) == (
         1, two.local_steps, 2)
+
+
+def test_overridden_lists_the_planned_keys_the_run_config_sets_otherwise() -> None:
+    planned = {"channels": "8,16,32,64", "patch-size": "96,96", "local-steps": 20,
+               "learning-rate": 0.002, "finetune-steps": 0}
+    values = {"channels": "16,32,64,128", "patch-size": "96, 96", "local-steps": "auto",
+              "learning-rate": 0.002, "finetune-steps": 40, "seed": 3}
+    assert overridden(planned, values) == ["channels='16,32,64,128' (planned '8,16,32,64')",
+                                           "finetune-steps=40 (planned 0)"]
+    assert overridden(planned, values, skip=("finetune-steps",)) == [
+        "channels='16,32,64,128' (planned '8,16,32,64')"]
+    assert overridden(planned, {}) == []
