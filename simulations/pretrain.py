@@ -22,7 +22,6 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,13 @@ from shared.networks import seed_everything
 from shared.planning import Fingerprint, make_plan
 from shared.settings import AUTO
 from simulations.phantom_families import write_family_site
-from simulations.starting import DEFAULTS, PROFILES, choose_family, starting_model
+from simulations.starting import (
+    DEFAULTS,
+    PROFILES,
+    choose_family,
+    plan_without_dp,
+    starting_model,
+)
 
 #: Run-config keys of the architecture and geometry a starting model fixes.
 MODEL_KEYS = ("resize", "downsample", "patch-size", "channels")
@@ -117,7 +122,7 @@ def public_start(fingerprints: Sequence[Fingerprint], values: Mapping[str, Any],
     network: dict[str, Any] = {}
     if profile.full_network:
         # The keys the run leaves to the planner (absent, or `auto` as a simulation's).
-        public = make_plan([replace(fp, dp_patients=0) for fp in fingerprints]).to_run_config()
+        public = plan_without_dp(fingerprints).to_run_config()
         network = {key: public[key] for key in MODEL_KEYS if values.get(key, AUTO) == AUTO}
     spec = RunConfig.from_user_config({**values, **network}, planned).model
     budget = DEFAULTS[family]
