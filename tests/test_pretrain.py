@@ -237,3 +237,27 @@ def test_a_planned_dp_simulation_of_vessel_sites_takes_the_vessel_recipe(
     # A network the run config names is the one pretrained and trained.
     values = public_start(private, {"channels": "8,16"}, tmp_path, lambda _: None)
     assert values["channels"] == "8,16" and calls[-1][1].channels == (8, 16)
+
+
+def test_a_dp_simulation_of_vessel_phantom_sites_runs_the_vessel_recipe(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Colour sites of thin vessel phantoms stand in for the retina sites; the
+    # simulation leaves the planned keys `auto`, as `fedseg simulate` does.
+    data = tmp_path / "sites"
+    data.mkdir()
+    for name in ("a", "b"):
+        write_family_site(tmp_path / "drawn" / name, "vessel", 4,
+                          seed=ord(name)).rename(data / name)
+    monkeypatch.setitem(DEFAULTS, "vessel", {"cases": 2, "steps": 1, "batch": 2})
+    dp = {"dp-enabled": True, "dp-target-epsilon": 8.0, "dp-max-epsilon": 8.0, "dp-delta": 1e-5}
+    outcome = run_simulation(SimulationRequest(
+        data=data, output=tmp_path / "runs", site_settings=dp,
+        overrides={"num-server-rounds": 1, "local-steps": 1, "batch-size": 2}),
+        echo=lambda _: None)
+    config = MetricsHistory.read(outcome.metrics_json).run_config
+    assert (config["dp_trainable"], config["dp_learning_rate"]) == ("norm+adapter", 0.01)
+    assert config["model"]["model-adaptation"] == "adapter"
+    # The network planned without DP-SGD, not the private plan's smaller one.
+    assert config["model"]["model-channels"] == PRESETS["vessel"]["channels"]
+    start = Checkpoint.load(outcome.run_dir / "starting-model.pt")
+    assert start.spec.channels == Checkpoint.load(outcome.final_model).spec.channels
