@@ -35,8 +35,8 @@ class Profile:
     full_network : bool
         Pretrain, and train, the network planned without DP-SGD. The private plan's
         smaller network is for runs that train many parameters under DP-SGD; a
-        recipe that trains only normalisation layers and an adapter adds as
-        little noise on a wide frozen body.
+        recipe that trains only normalisation layers and an adapter adds hardly
+        more noise on a wide frozen body than on a narrow one.
     """
 
     spatial_dims: int
