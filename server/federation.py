@@ -230,6 +230,17 @@ def _record_replies(record: RoundRecord, sent: list[Message], replies: Iterable[
     return ok
 
 
+def _entry_of(record: RoundRecord, msg: Message) -> SiteRound:
+    """Return the round's record of the site that sent ``msg``."""
+    return next(s for s in record.sites if s.node_id == msg.metadata.src_node_id)
+
+
+def _reject_update(entry: SiteRound, problem: str) -> None:
+    """Record, and log, why the server left the site's update out of the aggregate."""
+    entry.error = f"train: update rejected ({problem})"
+    log.warning("site %s: update rejected: %s", entry.site, problem)
+
+
 def _reject_bad_updates(record: RoundRecord, replies: list[Message], reference: NDArrays,
                         config: RunConfig) -> list[Message]:
     """Drop, and record against their site, updates of the wrong layout or size.
@@ -241,12 +252,11 @@ def _reject_bad_updates(record: RoundRecord, replies: list[Message], reference: 
     checked: list[tuple[SiteRound, Message, float]] = []
     transfer = config.training.transfer_dtype
     for msg in replies:
-        entry = next(s for s in record.sites if s.node_id == msg.metadata.src_node_id)
+        entry = _entry_of(record, msg)
         update = from_record(msg.content.array_records[p.ARRAYS])
         problem = update_problem(reference, update, transfer)
         if problem is not None:
-            entry.error = f"train: update rejected ({problem})"
-            log.warning("site %s: update rejected: %s", entry.site, problem)
+            _reject_update(entry, problem)
             continue
         if TRANSFER_DTYPES[transfer] is not None:
             msg.content.array_records[p.ARRAYS] = to_record(as_dtypes(update, reference))
@@ -255,8 +265,7 @@ def _reject_bad_updates(record: RoundRecord, replies: list[Message], reference: 
                              config.update_norm_ratio, config.max_update_norm)
     for entry, _, _ in checked:
         if str(entry.node_id) in outliers:
-            entry.error = f"train: update rejected ({outliers[str(entry.node_id)]})"
-            log.warning("site %s: update rejected: %s", entry.site, outliers[str(entry.node_id)])
+            _reject_update(entry, outliers[str(entry.node_id)])
     return [msg for entry, msg, _ in checked if str(entry.node_id) not in outliers]
 
 
@@ -279,11 +288,10 @@ def _weigh_by_noise(record: RoundRecord, replies: list[Message]) -> list[Message
     """
     known: list[tuple[SiteRound, Message, float]] = []
     for msg in replies:
-        entry = next(s for s in record.sites if s.node_id == msg.metadata.src_node_id)
+        entry = _entry_of(record, msg)
         if entry.noise_std is None:
-            entry.error = (f"train: update rejected (site-weighting 'dp-noise' needs the "
-                           f"site's '{p.NOISE_STD}'; update fedseg at that site)")
-            log.warning("site %s: %s", entry.site, entry.error)
+            _reject_update(entry, f"site-weighting 'dp-noise' needs the site's "
+                                  f"'{p.NOISE_STD}'; update fedseg at that site")
         else:
             known.append((entry, msg, entry.noise_std))
     for (entry, msg, _), weight in zip(known, noise_weights([s for *_, s in known]),

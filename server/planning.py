@@ -62,11 +62,12 @@ def planned_run_config(grid: Grid, values: Mapping[str, Any],
     if not RunConfig.needs_plan(values):
         return RunConfig.from_user_config(values), None
     plan = make_plan(collect_fingerprints(grid, RunConfig.from_user_config(values)))
-    config = RunConfig.from_user_config(values, plan.to_run_config(values))
+    planned = plan.to_run_config(values)
+    config = RunConfig.from_user_config(values, planned)
     for line in plan.reasons:
         echo(f"plan: {line}")
     # The reasons explain the plan; what runs differs where the run config says so.
-    changed = overridden(plan.to_run_config(values), values, skip=("finetune-steps",))
+    changed = overridden(planned, values, skip=("finetune-steps",))
     if changed:
         echo(f"plan: the run config sets {', '.join(changed)}")
     # What runs, not what was planned: the user's finetune-steps, if set, wins too.
